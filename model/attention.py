@@ -1,0 +1,97 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) and a grouped-query attention baseline."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig
+from model.layers import Einsum, RMSNorm, compute_dtype
+from model.rope import apply_rope
+
+
+def attention_mask(segment_ids_BT: jax.Array) -> jax.Array:
+  """[B, 1, T, T] boolean: causal, and only within the same segment (packed documents stay apart)."""
+  t = segment_ids_BT.shape[1]
+  causal_TS = jnp.tril(jnp.ones((t, t), dtype=bool))
+  same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  return (causal_TS[None] & same_BTS)[:, None]
+
+
+def dot_product_attention(q_BTNH, k_BSNH, v_BSNV, mask_B1TS, scale: float) -> jax.Array:
+  """Softmax(q k^T * scale) v with the softmax in float32; returns [B, T, N, V]."""
+  logits_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH).astype(jnp.float32) * scale
+  logits_BNTS = jnp.where(mask_B1TS, logits_BNTS, jnp.finfo(jnp.float32).min)
+  probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BSNV.dtype)
+  return jnp.einsum("BNTS,BSNV->BTNV", probs_BNTS, v_BSNV)
+
+
+class MLAttention(nnx.Module):
+  """Low-rank query, joint KV latent plus one shared RoPE key, expanded per head for training."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, n, dt = cfg.d_model, cfg.num_heads, compute_dtype(cfg)
+    if cfg.q_lora_rank is None:
+      self.q = Einsum("BTD,DNH->BTNH", (d, n, cfg.qk_head_dim), cfg, rngs=rngs)
+    else:
+      self.q_a = Einsum("BTD,DR->BTR", (d, cfg.q_lora_rank), cfg, rngs=rngs)
+      self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dt)
+      self.q_b = Einsum("BTR,RNH->BTNH", (cfg.q_lora_rank, n, cfg.qk_head_dim), cfg, rngs=rngs)
+    self.kv_a = Einsum("BTD,DR->BTR", (d, cfg.kv_lora_rank + cfg.qk_rope_head_dim), cfg, rngs=rngs)
+    self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dt)
+    self.kv_b = Einsum("BTR,RNH->BTNH",
+                       (cfg.kv_lora_rank, n, cfg.qk_nope_head_dim + cfg.v_head_dim), cfg, rngs=rngs)
+    self.o = Einsum("BTNV,NVD->BTD", (n, cfg.v_head_dim, d), cfg, rngs=rngs)
+
+  def query(self, x_BTD, positions_BT):
+    """Per-head queries split into (no-RoPE part [B,T,N,nope], rotated part [B,T,N,P])."""
+    cfg = self.cfg
+    q_BTNH = self.q(x_BTD) if cfg.q_lora_rank is None else self.q_b(self.q_norm(self.q_a(x_BTD)))
+    q_nope, q_rope = jnp.split(q_BTNH, [cfg.qk_nope_head_dim], axis=-1)
+    return q_nope, apply_rope(q_rope, positions_BT, cfg)
+
+  def latent(self, x_BTD, positions_BT):
+    """The cacheable part: normalised latent [B,T,R] and the rotated shared key [B,T,P]."""
+    cfg = self.cfg
+    kv_BTR = self.kv_a(x_BTD)
+    latent_BTR, k_rope_BTP = jnp.split(kv_BTR, [cfg.kv_lora_rank], axis=-1)
+    k_rope_BTP = apply_rope(k_rope_BTP[:, :, None, :], positions_BT, cfg)[:, :, 0, :]
+    return self.kv_norm(latent_BTR), k_rope_BTP
+
+  def __call__(self, x_BTD, positions_BT, mask_B1TS):
+    cfg = self.cfg
+    q_nope, q_rope = self.query(x_BTD, positions_BT)
+    latent_BSR, k_rope_BSP = self.latent(x_BTD, positions_BT)
+    k_nope, v_BSNV = jnp.split(self.kv_b(latent_BSR), [cfg.qk_nope_head_dim], axis=-1)
+    k_rope = jnp.broadcast_to(k_rope_BSP[:, :, None, :], k_nope.shape[:3] + k_rope_BSP.shape[-1:])
+    q_BTNH = jnp.concatenate([q_nope, q_rope], axis=-1)
+    k_BSNH = jnp.concatenate([k_nope, k_rope], axis=-1)
+    out_BTNV = dot_product_attention(q_BTNH, k_BSNH, v_BSNV, mask_B1TS, cfg.softmax_scale)
+    return self.o(out_BTNV)
+
+
+class GQAttention(nnx.Module):
+  """Grouped-query attention (multi-head when num_kv_heads == num_heads), RoPE on the whole head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h = cfg.d_model, cfg.head_dim
+    self.q = Einsum("BTD,DNH->BTNH", (d, cfg.num_heads, h), cfg, rngs=rngs)
+    self.k = Einsum("BTD,DNH->BTNH", (d, cfg.num_kv_heads, h), cfg, rngs=rngs)
+    self.v = Einsum("BTD,DNH->BTNH", (d, cfg.num_kv_heads, h), cfg, rngs=rngs)
+    self.o = Einsum("BTNV,NVD->BTD", (cfg.num_heads, h, d), cfg, rngs=rngs)
+
+  def __call__(self, x_BTD, positions_BT, mask_B1TS):
+    cfg = self.cfg
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = apply_rope(self.q(x_BTD), positions_BT, cfg)
+    k = jnp.repeat(apply_rope(self.k(x_BTD), positions_BT, cfg), groups, axis=2)
+    v = jnp.repeat(self.v(x_BTD), groups, axis=2)
+    return self.o(dot_product_attention(q, k, v, mask_B1TS, cfg.softmax_scale))
+
+
+def make_attention(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The attention layer `cfg.attention_type` names."""
+  return MLAttention(cfg, rngs=rngs) if cfg.attention_type == "mla" else GQAttention(cfg, rngs=rngs)

@@ -1,0 +1,122 @@
+"""Mixture-of-Experts layer: router, routed experts (dropless or capacity-limited), shared experts."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import routing
+from model.config import ModelConfig
+from model.layers import MLP, compute_dtype, normal_init
+
+
+class RouterBias(nnx.Variable):
+  """The auxiliary-loss-free load-balancing bias: not trained by gradients, updated by the step."""
+
+
+class RouterStats(NamedTuple):
+  """What one MoE layer reports about its routing."""
+
+  tokens_per_expert: jax.Array  # [E] int32 assignments per expert.
+  balance_loss: jax.Array  # Scalar sequence-wise balance loss (unweighted).
+  dropped: jax.Array  # Scalar int32: assignments dropped by the capacity limit.
+
+
+class Router(nnx.Module):
+  """Linear router in float32 [D, E] plus the selection bias [E]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.w = nnx.Param(normal_init(cfg)(rngs.params(), (cfg.d_model, cfg.num_experts), jnp.float32))
+    self.bias = RouterBias(jnp.zeros((cfg.num_experts,), jnp.float32))
+
+  def __call__(self, x_TD: jax.Array) -> jax.Array:
+    return jnp.einsum("TD,DE->TE", x_TD.astype(jnp.float32), self.w[...])
+
+
+def sort_by_expert(experts_TK: jax.Array, num_experts: int):
+  """Orders the flattened (token, slot) assignments by expert (stably).
+
+  Returns (order [T*K]: position in the flattened assignments of each sorted row, group sizes [E]).
+  """
+  order = jnp.argsort(experts_TK.reshape(-1), stable=True)
+  return order, routing.tokens_per_expert(experts_TK, num_experts)
+
+
+def dropless_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """Every assignment computed: tokens sorted by expert and multiplied with `ragged_dot`."""
+  t, k = experts_TK.shape
+  order, sizes_E = sort_by_expert(experts_TK, w_gate_EDF.shape[0])
+  x_sorted = x_TD[order // k]
+  h = (jax.nn.silu(jax.lax.ragged_dot(x_sorted, w_gate_EDF, sizes_E))
+       * jax.lax.ragged_dot(x_sorted, w_up_EDF, sizes_E))
+  y_sorted = jax.lax.ragged_dot(h, w_down_EFD, sizes_E)
+  y_TKD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
+  y_TD = jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), weights_TK)
+  return y_TD.astype(x_TD.dtype), jnp.zeros((), jnp.int32)
+
+
+def capacity(num_tokens: int, cfg: ModelConfig) -> int:
+  """Slots per expert: ceil(T * K / E * capacity_factor)."""
+  return math.ceil(num_tokens * cfg.experts_per_token / cfg.num_experts * cfg.capacity_factor)
+
+
+def capacity_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, slots: int):
+  """Fixed [E, C, D] buffers: each expert takes its first C assignments; the rest are dropped."""
+  t, k = experts_TK.shape
+  e = w_gate_EDF.shape[0]
+  order, sizes_E = sort_by_expert(experts_TK, e)
+  expert_sorted = experts_TK.reshape(-1)[order]
+  starts_E = jnp.cumsum(sizes_E) - sizes_E
+  rank_sorted = jnp.arange(t * k) - starts_E[expert_sorted]
+  kept_sorted = rank_sorted < slots
+  slot_sorted = jnp.where(kept_sorted, rank_sorted, slots)  # Index `slots` is out of bounds: dropped.
+  buf_ECD = jnp.zeros((e, slots, x_TD.shape[-1]), x_TD.dtype)
+  buf_ECD = buf_ECD.at[expert_sorted, slot_sorted].set(x_TD[order // k], mode="drop")
+  h = (jax.nn.silu(jnp.einsum("ECD,EDF->ECF", buf_ECD, w_gate_EDF))
+       * jnp.einsum("ECD,EDF->ECF", buf_ECD, w_up_EDF))
+  out_ECD = jnp.einsum("ECF,EFD->ECD", h, w_down_EFD)
+  y_sorted = out_ECD.at[expert_sorted, slot_sorted].get(mode="fill", fill_value=0)
+  y_TKD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
+  y_TD = jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), weights_TK)
+  return y_TD.astype(x_TD.dtype), (t * k - kept_sorted.sum()).astype(jnp.int32)
+
+
+class MoE(nnx.Module):
+  """Routed experts [E, D, F] chosen per token, plus always-on shared experts."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    e, d, f = cfg.num_experts, cfg.d_model, cfg.moe_ffn_dim
+    init = normal_init(cfg)
+    self.router = Router(cfg, rngs=rngs)
+    self.w_gate = nnx.Param(init(rngs.params(), (e, d, f), jnp.float32))
+    self.w_up = nnx.Param(init(rngs.params(), (e, d, f), jnp.float32))
+    self.w_down = nnx.Param(init(rngs.params(), (e, f, d), jnp.float32))
+    self.shared = (MLP(cfg, cfg.moe_ffn_dim * cfg.num_shared_experts, rngs=rngs)
+                   if cfg.num_shared_experts else None)
+
+  def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, RouterStats]:
+    cfg = self.cfg
+    b, t, d = x_BTD.shape
+    dt = compute_dtype(cfg)
+    x_TD = x_BTD.reshape(b * t, d).astype(dt)
+    scores_TE = routing.router_scores(self.router(x_TD), cfg)
+    weights_TK, experts_TK = routing.select_experts(scores_TE, self.router.bias[...], cfg)
+    weights = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
+    if cfg.capacity_factor is None:
+      y_TD, dropped = dropless_ffn(x_TD, experts_TK, weights_TK, *weights)
+    else:
+      y_TD, dropped = capacity_ffn(x_TD, experts_TK, weights_TK, *weights, capacity(b * t, cfg))
+    y_BTD = y_TD.reshape(b, t, d)
+    if self.shared is not None:
+      y_BTD = y_BTD + self.shared(x_BTD)
+    stats = RouterStats(
+        tokens_per_expert=routing.tokens_per_expert(experts_TK, cfg.num_experts),
+        balance_loss=routing.sequence_balance_loss(
+            scores_TE.reshape(b, t, -1), experts_TK.reshape(b, t, -1), cfg),
+        dropped=dropped)
+    return y_BTD, stats

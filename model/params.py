@@ -1,0 +1,40 @@
+"""Parameter counts from abstract shapes (`nnx.eval_shape`: no memory is allocated)."""
+
+from __future__ import annotations
+
+import math
+
+from flax import nnx
+
+from model.config import ModelConfig
+
+_ROUTED = ("w_gate", "w_up", "w_down")
+
+
+def abstract_model(cfg: ModelConfig):
+  """The model with `ShapeDtypeStruct` leaves in place of arrays."""
+  from model.transformer import Transformer  # Deferred: transformer imports config, config us.
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(cfg: ModelConfig) -> dict:
+  """{total, activated, embedding, mtp}: total and activated exclude the MTP modules.
+
+  Activated counts what one token uses: everything but the routed experts it is not sent to
+  (a fraction K/E of the routed experts is active). `embedding` is the input table, a lookup that
+  costs no matmul FLOPs (counted in total and activated).
+  """
+  state = nnx.state(abstract_model(cfg), nnx.Param)
+  total = activated = embedding = mtp = 0
+  active_fraction = cfg.experts_per_token / cfg.num_experts if cfg.num_experts else 1.0
+  for path, leaf in nnx.to_flat_state(state):
+    n = math.prod(leaf.shape)
+    names = [str(p) for p in path]
+    if names[0] == "mtp":
+      mtp += n
+      continue
+    total += n
+    activated += n * active_fraction if names[-1] in _ROUTED else n
+    if names[0] == "embed":
+      embedding += n
+  return dict(total=total, activated=int(round(activated)), embedding=embedding, mtp=mtp)

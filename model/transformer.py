@@ -1,0 +1,150 @@
+"""The decoder: embedding -> dense blocks -> MoE blocks -> norm -> head, plus multi-token prediction.
+
+Layers of one kind are stacked along a leading axis and run with `jax.lax.scan`, so compile time
+does not grow with depth (a 61-layer model traces two block bodies).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.attention import attention_mask, make_attention
+from model.config import ModelConfig
+from model.layers import MLP, Einsum, Embed, RMSNorm, compute_dtype
+from model.moe import MoE, RouterStats
+
+
+class ModelOutput(NamedTuple):
+  """What a forward pass returns; nothing is written back into the module."""
+
+  logits: jax.Array  # [B, T, Y] float32.
+  mtp_logits: Optional[jax.Array]  # [depth, B, T, Y] float32: depth d predicts token t + 1 + d.
+  router: Optional[RouterStats]  # Stacked over MoE layers: main-model layers first, then MTP blocks.
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, moe: bool, *, rngs: nnx.Rngs):
+    dt = compute_dtype(cfg)
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dt)
+    self.attn = make_attention(cfg, rngs=rngs)
+    self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dt)
+    self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.dense_ffn_dim, rngs=rngs)
+
+  def __call__(self, x_BTD, positions_BT, mask_B1TS):
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, mask_B1TS)
+    if isinstance(self.ffn, MoE):
+      y_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
+      return x_BTD + y_BTD, stats
+    return x_BTD + self.ffn(self.ffn_norm(x_BTD)), None
+
+
+def stacked_blocks(cfg: ModelConfig, moe: bool, count: int, rngs: nnx.Rngs) -> Optional[Block]:
+  """`count` blocks with independent initialisations, stacked along a leading layer axis."""
+  if count == 0:
+    return None
+
+  @nnx.split_rngs(splits=count)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(r):
+    return Block(cfg, moe, rngs=r)
+
+  return create(rngs)
+
+
+def run_stacked(blocks: Optional[Block], x_BTD, positions_BT, mask_B1TS):
+  """Scans `x` through stacked blocks; returns (x, per-layer stats stacked, or None)."""
+  if blocks is None:
+    return x_BTD, None
+  graphdef, state = nnx.split(blocks)
+
+  def body(h_BTD, layer_state):
+    return nnx.merge(graphdef, layer_state)(h_BTD, positions_BT, mask_B1TS)
+
+  return jax.lax.scan(body, x_BTD, state)
+
+
+class MTPModule(nnx.Module):
+  """One multi-token-prediction depth: project [norm(embed(next token)); norm(h)], one block, norm.
+
+  The embedding and the output head are the main model's. The concatenation order (embedding
+  first) follows DeepSeek's released MTP weights (`enorm`, `hnorm`, `eh_proj`).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt = compute_dtype(cfg)
+    self.embed_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dt)
+    self.hidden_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dt)
+    self.proj = Einsum("BTF,FD->BTD", (2 * cfg.d_model, cfg.d_model), cfg, rngs=rngs)
+    self.block = Block(cfg, moe=cfg.num_experts > 0, rngs=rngs)
+    self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dt)
+
+  def __call__(self, h_BTD, next_embed_BTD, positions_BT, mask_B1TS):
+    x = self.proj(jnp.concatenate([self.embed_norm(next_embed_BTD), self.hidden_norm(h_BTD)], -1))
+    return self.block(x, positions_BT, mask_B1TS)
+
+
+def _concat_stats(parts):
+  parts = [p for p in parts if p is not None]
+  if not parts:
+    return None
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
+
+
+class Transformer(nnx.Module):
+  """DeepSeek-style decoder-only language model."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(cfg, rngs=rngs)
+    self.dense_layers = stacked_blocks(cfg, False, cfg.num_dense_layers, rngs)
+    self.moe_layers = stacked_blocks(cfg, True, cfg.num_moe_layers, rngs)
+    self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, compute_dtype(cfg))
+    self.head = (None if cfg.tie_embeddings else
+                 Einsum("BTD,DY->BTY", (cfg.d_model, cfg.vocab_size), cfg, rngs=rngs))
+    self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.mtp_depth)])
+
+  def output_logits(self, h_BTD: jax.Array) -> jax.Array:
+    """The shared output head (after the caller's final norm), in float32."""
+    logits = self.embed.attend(h_BTD) if self.head is None else self.head(h_BTD)
+    return logits.astype(jnp.float32)
+
+  def hidden_states(self, tokens_BT, positions_BT, mask_B1TS):
+    """Last-block hidden states [B, T, D] (before the final norm) and the main layers' router stats."""
+    x = self.embed(tokens_BT)
+    x, _ = run_stacked(self.dense_layers, x, positions_BT, mask_B1TS)
+    x, stats = run_stacked(self.moe_layers, x, positions_BT, mask_B1TS)
+    return x, stats
+
+  def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
+               segment_ids_BT: Optional[jax.Array] = None) -> ModelOutput:
+    """Logits for int tokens [B, T]; positions default to 0..T-1, segments to one document per row."""
+    b, t = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones((b, t), jnp.int32)
+    mask = attention_mask(segment_ids_BT)
+    h, stats = self.hidden_states(tokens_BT, positions_BT, mask)
+    logits = self.output_logits(self.final_norm(h))
+    mtp_logits, all_stats = [], [stats]
+    for depth, module in enumerate(self.mtp, start=1):
+      next_tokens = jnp.pad(tokens_BT[:, depth:], ((0, 0), (0, depth)))
+      h, mtp_stats = module(h, self.embed(next_tokens), positions_BT, mask)
+      mtp_logits.append(self.output_logits(module.norm(h)))
+      if mtp_stats is not None:
+        all_stats.append(jax.tree.map(lambda x: x[None], mtp_stats))
+    return ModelOutput(
+        logits=logits,
+        mtp_logits=jnp.stack(mtp_logits) if mtp_logits else None,
+        router=_concat_stats(all_stats))
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  """A freshly initialised model."""
+  return Transformer(cfg, rngs=nnx.Rngs(seed))
