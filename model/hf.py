@@ -13,6 +13,7 @@ import os
 import re
 from typing import Iterator, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -273,6 +274,11 @@ def load_pretrained(path: str, dtype=jnp.float32) -> Transformer:
   for leaf_path in list(buffers):
     parent = _get(shapes, leaf_path[:-1])
     parent[leaf_path[-1]] = jnp.asarray(buffers.pop(leaf_path))
+  for leaf_path, leaf in nnx.to_flat_state(state):
+    unfilled = isinstance(_get(shapes, leaf_path), jax.ShapeDtypeStruct)
+    if unfilled and leaf_path[-1] == "bias" and "router" in leaf_path:
+      # DeepSeek-V2 has no selection bias: ours stays at zero, which routes exactly like V2.
+      _get(shapes, leaf_path[:-1])[leaf_path[-1]] = jnp.zeros(leaf.shape, jnp.float32)
   nnx.replace_by_pure_dict(state, shapes)
   return nnx.merge(graphdef, state)
 

@@ -1,0 +1,20 @@
+"""DeepSeek-style MoE + MLA language models in JAX/Flax: pre-training and post-training."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="deepjax",
+    version="0.1.0",
+    description=__doc__,
+    packages=find_packages(include=["model*", "train*", "posttrain*", "kernels*", "configs*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2", "flax>=0.12", "optax", "orbax-checkpoint", "chex", "grain", "sentencepiece",
+        "absl-py", "ml_collections", "numpy", "ml_dtypes",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        # torch pinned: this version installs as a CPU build here; an unpinned torch pulls CUDA.
+        "hf": ["torch==2.13.0", "transformers>=5.0", "safetensors"],
+    },
+)

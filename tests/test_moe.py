@@ -1,0 +1,101 @@
+"""The MoE layer: dropless and capacity dispatch against a dense one-hot reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model import moe, routing
+from tests.conftest import small_config
+
+
+def _weights(key, e=8, d=32, f=12):
+  k1, k2, k3 = jax.random.split(key, 3)
+  return (jax.random.normal(k1, (e, d, f)) * 0.3, jax.random.normal(k2, (e, d, f)) * 0.3,
+          jax.random.normal(k3, (e, f, d)) * 0.3)
+
+
+def dense_reference(x_TD, experts_TK, weights_TK, w_gate, w_up, w_down):
+  """Every expert on every token, combined with a one-hot [T, E] weight matrix."""
+  e = w_gate.shape[0]
+  combine_TE = (jax.nn.one_hot(experts_TK, e) * weights_TK[..., None]).sum(1)
+  h_TEF = jax.nn.silu(jnp.einsum("TD,EDF->TEF", x_TD, w_gate)) * jnp.einsum("TD,EDF->TEF", x_TD, w_up)
+  return jnp.einsum("TEF,EFD,TE->TD", h_TEF, w_down, combine_TE)
+
+
+def _routing(key, t=40, e=8, k=2):
+  k1, k2 = jax.random.split(key)
+  experts = jnp.argsort(jax.random.uniform(k1, (t, e)), axis=-1)[:, :k].astype(jnp.int32)
+  return experts, jax.random.uniform(k2, (t, k))
+
+
+def test_dropless_equals_dense_reference():
+  ws = _weights(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (40, 32))
+  experts, weights = _routing(jax.random.key(2))
+  got, dropped = moe.dropless_ffn(x, experts, weights, *ws)
+  np.testing.assert_allclose(got, dense_reference(x, experts, weights, *ws), atol=1e-5, rtol=1e-5)
+  assert int(dropped) == 0
+
+
+def test_dropless_gradients_equal_dense_reference():
+  ws = _weights(jax.random.key(3))
+  x = jax.random.normal(jax.random.key(4), (24, 32))
+  experts, weights = _routing(jax.random.key(5), t=24)
+  loss = lambda fn: (lambda x, w, *ws: (fn(x, experts, w, *ws)[0] ** 2).sum())
+  ours = jax.grad(loss(moe.dropless_ffn), argnums=(0, 1, 2, 3, 4))(x, weights, *ws)
+  ref_fn = lambda *a: (dense_reference(*a), None)
+  ref = jax.grad(loss(ref_fn), argnums=(0, 1, 2, 3, 4))(x, weights, *ws)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_capacity_that_drops_nothing_equals_dropless():
+  ws = _weights(jax.random.key(6))
+  x = jax.random.normal(jax.random.key(7), (40, 32))
+  experts, weights = _routing(jax.random.key(8))
+  got, dropped = moe.capacity_ffn(x, experts, weights, *ws, slots=40)
+  np.testing.assert_allclose(got, dense_reference(x, experts, weights, *ws), atol=1e-5, rtol=1e-5)
+  assert int(dropped) == 0
+
+
+def test_capacity_drops_the_late_assignments_and_counts_them():
+  ws = _weights(jax.random.key(9))
+  x = jax.random.normal(jax.random.key(10), (40, 32))
+  experts, weights = _routing(jax.random.key(11))
+  slots = 6
+  # Reference: each expert keeps its first `slots` assignments in (token, slot) order.
+  seen = np.zeros(8, int)
+  keep = np.zeros(experts.shape, bool)
+  for t, row in enumerate(np.asarray(experts)):
+    for k, e in enumerate(row):
+      keep[t, k] = seen[e] < slots
+      seen[e] += 1
+  expected = dense_reference(x, experts, jnp.where(keep, weights, 0.0), *ws)
+  got, dropped = moe.capacity_ffn(x, experts, weights, *ws, slots=slots)
+  np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+  assert int(dropped) == int((~keep).sum()) > 0
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_moe_layer_equals_reference(capacity_factor):
+  cfg = small_config(capacity_factor=capacity_factor)
+  layer = moe.MoE(cfg, rngs=nnx.Rngs(0))
+  layer.router.bias[...] = jax.random.normal(jax.random.key(1), (8,)) * 0.05
+  x = jax.random.normal(jax.random.key(2), (2, 10, 32))
+  y, stats = layer(x)
+  x_TD = x.reshape(20, 32)
+  scores = routing.router_scores(x_TD @ layer.router.w[...], cfg)
+  weights, experts = routing.select_experts(scores, layer.router.bias[...], cfg)
+  slots = 20 if capacity_factor is None else moe.capacity(20, cfg)
+  ref_routed, ref_dropped = moe.capacity_ffn(
+      x_TD, experts, weights, layer.w_gate[...], layer.w_up[...], layer.w_down[...], slots)
+  if capacity_factor is None:
+    ref_routed = dense_reference(x_TD, experts, weights, layer.w_gate[...], layer.w_up[...],
+                                 layer.w_down[...])
+  expected = ref_routed.reshape(2, 10, 32) + layer.shared(x)
+  np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
+  assert int(stats.dropped) == int(ref_dropped)
+  assert int(stats.tokens_per_expert.sum()) == 20 * cfg.experts_per_token
+  np.testing.assert_array_equal(stats.tokens_per_expert, routing.tokens_per_expert(experts, 8))
