@@ -17,7 +17,7 @@ from absl import app, flags
 from flax import nnx
 
 from model.config import PRESETS, ModelConfig, get_preset
-from model.transformer import Transformer
+from model.transformer import init_model
 
 _PRESET = flags.DEFINE_string("preset", "tiny", "A preset name from model.config.PRESETS, or 'all'.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Sequence length for FLOPs per token.")
@@ -35,7 +35,7 @@ def describe(name: str, cfg: ModelConfig, seq_len: int) -> dict:
 
 def time_forward_backward(cfg: ModelConfig, batch: int, seq_len: int, steps: int) -> dict:
   """Jitted next-token loss and gradient on random tokens: loss and seconds per step."""
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  model = init_model(cfg, seed=0)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, cfg.vocab_size)
 
