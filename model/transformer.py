@@ -120,12 +120,11 @@ class Transformer(nnx.Module):
     logits = self.embed.attend(h_BTD) if self.head is None else self.head(h_BTD)
     return logits.astype(jnp.float32)
 
-  def hidden_states(self, tokens_BT, positions_BT, mask_B1TS):
-    """Last-block hidden states [B, T, D] (before the final norm) and the main layers' router stats."""
-    x = self.embed(tokens_BT)
-    x, _ = run_stacked(self.dense_layers, x, positions_BT, mask_B1TS)
-    x, stats = run_stacked(self.moe_layers, x, positions_BT, mask_B1TS)
-    return x, stats
+  def blocks(self, x_BTD, positions_BT, mask_B1TS):
+    """Runs embeddings [B, T, D] through every block: last hidden states (before the final norm)
+    and the MoE layers' router stats."""
+    x_BTD, _ = run_stacked(self.dense_layers, x_BTD, positions_BT, mask_B1TS)
+    return run_stacked(self.moe_layers, x_BTD, positions_BT, mask_B1TS)
 
   def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
                segment_ids_BT: Optional[jax.Array] = None) -> ModelOutput:
@@ -136,7 +135,7 @@ class Transformer(nnx.Module):
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones((b, t), jnp.int32)
     mask = attention_mask(segment_ids_BT)
-    h, stats = self.hidden_states(tokens_BT, positions_BT, mask)
+    h, stats = self.blocks(self.embed(tokens_BT), positions_BT, mask)
     logits = self.output_logits(self.final_norm(h))
     mtp_logits, all_stats = [], [stats]
     for depth, module in enumerate(self.mtp, start=1):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from model.attention import attention_mask
 from model.transformer import forward, init_model
 from tests.conftest import small_config
 
@@ -26,11 +27,7 @@ def _embedded_forward(model):
   def fn(x_BTD):
     b, t, _ = x_BTD.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    from model.attention import attention_mask
-    mask = attention_mask(jnp.ones((b, t), jnp.int32))
-    from model.transformer import run_stacked
-    h, _ = run_stacked(model.dense_layers, x_BTD, positions, mask)
-    h, _ = run_stacked(model.moe_layers, h, positions, mask)
+    h, _ = model.blocks(x_BTD, positions, attention_mask(jnp.ones((b, t), jnp.int32)))
     return model.output_logits(model.final_norm(h))
   return fn
 
