@@ -1,0 +1,116 @@
+"""The train step: loss falls, accumulation is exact, bias update, skipped non-finite steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.transformer import init_model
+from tests.conftest import small_config
+from train import optimizer as opt
+from train.loss import mtp_targets
+from train.step import StepConfig, create_train_state, make_train_step, router_bias_update
+
+
+def _batch(cfg, b=4, t=16, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
+  segments = np.ones((b, t), np.int32)
+  segments[:, t // 2:] = 2  # Two documents per row.
+  positions = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])[None].repeat(b, 0)
+  return dict(inputs=jnp.asarray(tokens[:, :-1]), targets=jnp.asarray(tokens[:, 1:]),
+              segment_ids=jnp.asarray(segments), positions=jnp.asarray(positions, jnp.int32),
+              loss_mask=jnp.ones((b, t), jnp.float32))
+
+
+@pytest.fixture(scope="module")
+def setup():
+  """(cfg, fresh_state(), {microbatches: jitted step}): compiled once for the whole module."""
+  cfg = small_config(num_layers=2)
+  ocfg = opt.OptimizerConfig(peak_lr=1e-2, warmup_steps=2, total_steps=40)
+  tx = opt.make_optimizer(ocfg)
+  template, state = create_train_state(init_model(cfg, seed=0), tx)
+  initial = jax.tree.map(np.asarray, state)
+  fresh = lambda: jax.tree.map(jnp.array, initial)
+  steps = {m: jax.jit(make_train_step(template, tx, StepConfig(microbatches=m),
+                                      opt.learning_rate(ocfg)), donate_argnums=0)
+           for m in (1, 2)}
+  return cfg, fresh, steps
+
+
+def test_loss_falls_on_a_repeated_batch(setup):
+  cfg, fresh, steps = setup
+  state, step = fresh(), steps[1]
+  batch = _batch(cfg)
+  losses = []
+  for _ in range(25):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.7 * losses[0], losses
+  assert int(state.step) == 25 and int(state.skipped) == 0
+  assert float(metrics["expert_load_max_over_mean"]) >= 1.0
+  assert np.isfinite(float(metrics["mtp_loss"])) and float(metrics["balance_loss"]) > 0
+
+
+def test_gradient_accumulation_equals_full_batch(setup):
+  cfg, fresh, steps = setup
+  full_state, full_step = fresh(), steps[1]
+  micro_state, micro_step = fresh(), steps[2]
+  batch = _batch(cfg)
+  for _ in range(2):
+    full_state, full_metrics = full_step(full_state, batch)
+    micro_state, micro_metrics = micro_step(micro_state, batch)
+  np.testing.assert_allclose(full_metrics["loss"], micro_metrics["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(full_state.params), jax.tree.leaves(micro_state.params)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(full_state.extra), jax.tree.leaves(micro_state.extra)):
+    np.testing.assert_allclose(a, b, atol=1e-7)
+
+
+def test_non_finite_step_is_skipped_and_counted(setup):
+  cfg, fresh, steps = setup
+  state, step = fresh(), steps[1]
+  bad = jax.tree.map(lambda x: x, state.params)
+  bad["head"]["w"] = bad["head"]["w"].at[0, 0].set(jnp.nan)
+  state = state.replace(params=bad)
+  before = jax.tree.map(np.asarray, (state.params, state.extra))
+  state, metrics = step(state, _batch(cfg))
+  assert int(metrics["skipped"]) == 1 and int(state.skipped) == 1
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((state.params, state.extra))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_router_bias_moves_towards_balance():
+  extra = {"moe_layers": {"ffn": {"router": {"bias": jnp.zeros((2, 4))}}},
+           "mtp": {0: {"block": {"ffn": {"router": {"bias": jnp.zeros((4,))}}}}}}
+  load = jnp.asarray([[4, 0, 2, 2], [1, 1, 1, 1], [0, 8, 0, 0]])
+  new = router_bias_update(extra, load, 0.001)
+  np.testing.assert_allclose(new["moe_layers"]["ffn"]["router"]["bias"],
+                             [[-0.001, 0.001, 0, 0], [0, 0, 0, 0]])
+  np.testing.assert_allclose(new["mtp"][0]["block"]["ffn"]["router"]["bias"],
+                             [0.001, -0.001, 0.001, 0.001])
+
+
+def test_mtp_targets_stay_inside_documents():
+  targets = jnp.asarray([[1, 2, 3, 4, 5]])
+  segments = jnp.asarray([[1, 1, 1, 2, 2]])
+  shifted, weights = mtp_targets(targets, segments, jnp.ones((1, 5)), depth=1)
+  np.testing.assert_array_equal(shifted, [[2, 3, 4, 5, 0]])
+  np.testing.assert_array_equal(weights, [[1, 1, 0, 1, 0]])
+
+
+def test_decay_mask_and_schedules():
+  cfg = small_config()
+  from flax import nnx
+  params = nnx.to_pure_dict(nnx.state(init_model(cfg), nnx.Param))
+  mask = opt.decay_mask(params)
+  assert mask["dense_layers"]["attn_norm"]["scale"] is False
+  assert mask["moe_layers"]["ffn"]["w_gate"] is True
+  assert mask["final_norm"]["scale"] is False and mask["embed"]["embedding"] is True
+  wsd = opt.learning_rate(opt.OptimizerConfig(peak_lr=1.0, warmup_steps=10, total_steps=100,
+                                              schedule="wsd", decay_fraction=0.2))
+  assert float(wsd(5)) == pytest.approx(0.5)
+  assert float(wsd(50)) == pytest.approx(1.0)
+  assert float(wsd(100)) == pytest.approx(0.1)
+  cosine = opt.learning_rate(opt.OptimizerConfig(peak_lr=1.0, warmup_steps=10, total_steps=100))
+  assert float(cosine(10)) == pytest.approx(1.0) and float(cosine(100)) == pytest.approx(0.1)

@@ -1,0 +1,30 @@
+"""Language-model losses over packed rows: next-token and multi-token prediction."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def token_cross_entropy(logits_BTY, targets_BT, weights_BT):
+  """(sum of weighted cross-entropies, sum of weights), in float32."""
+  ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTY.astype(jnp.float32), targets_BT)
+  weights_BT = weights_BT.astype(jnp.float32)
+  return (ce_BT * weights_BT).sum(), weights_BT.sum()
+
+
+def mtp_targets(targets_BT, segment_ids_BT, weights_BT, depth: int):
+  """Targets for MTP depth `depth` (token t + 1 + depth at position t) and their weights.
+
+  A position counts only if that token exists, is in the same document and carries weight.
+  """
+  pad = ((0, 0), (0, depth))
+  shifted = jnp.pad(targets_BT[:, depth:], pad)
+  same_doc = jnp.pad(segment_ids_BT[:, depth:], pad, constant_values=-1) == segment_ids_BT
+  valid = same_doc & (jnp.pad(weights_BT[:, depth:], pad) > 0) & (weights_BT > 0)
+  return shifted, valid.astype(jnp.float32)
+
+
+def mean_or_zero(total, count):
+  return total / jnp.maximum(count, 1.0)

@@ -1,0 +1,163 @@
+"""The train state and the pure train step shared by every training phase.
+
+`train_step(state, batch) -> (state, metrics)`: gradient accumulation over micro-batches, the
+language-model loss with multi-token prediction and the sequence-wise balance loss, a skip for
+non-finite updates, and DeepSeek-V3's auxiliary-loss-free router-bias update outside the gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Union
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from model.transformer import Transformer
+from train.loss import mean_or_zero, mtp_targets, token_cross_entropy
+
+Schedule = Union[float, Callable[[jax.Array], jax.Array]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; plain nested dicts so checkpoints stay readable."""
+
+  step: jax.Array
+  params: Any  # Pure dict of the model's nnx.Param values.
+  extra: Any  # Pure dict of the other variables (router load-balancing biases).
+  opt_state: Any
+  skipped: jax.Array  # Updates skipped because the loss or gradients were not finite.
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Loss weights and the bias-update speed; each may be a constant or a schedule of the step."""
+
+  mtp_weight: Schedule = 0.3  # DeepSeek-V3: 0.3, then 0.1 for the last part of training.
+  balance_weight: float = 1e-4  # Sequence-wise balance loss alpha.
+  bias_gamma: Schedule = 1e-3  # Bias update speed; 0 turns the update off.
+  microbatches: int = 1  # Gradient accumulation: the batch is split along its first axis.
+
+
+def _at(schedule: Schedule, step):
+  return schedule(step) if callable(schedule) else jnp.asarray(schedule, jnp.float32)
+
+
+class ModelTemplate:
+  """Turns TrainState dicts back into a model: the graph plus the abstract variable layout."""
+
+  def __init__(self, model: Transformer):
+    self.graphdef, params, extra = nnx.split(model, nnx.Param, ...)
+    self.params_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    self.extra_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), extra)
+
+  def merge(self, params: dict, extra: dict) -> Transformer:
+    p = jax.tree.map(lambda x: x, self.params_template)
+    e = jax.tree.map(lambda x: x, self.extra_template)
+    nnx.replace_by_pure_dict(p, params)
+    nnx.replace_by_pure_dict(e, extra)
+    return nnx.merge(self.graphdef, p, e)
+
+
+def create_train_state(model: Transformer, optimizer: optax.GradientTransformation):
+  """(template, state) for `model`: parameters, router biases and a fresh optimizer state."""
+  template = ModelTemplate(model)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  extra = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, extra=extra,
+                     opt_state=optimizer.init(params), skipped=jnp.zeros((), jnp.int32))
+  return template, state
+
+
+def lm_loss(model: Transformer, batch: dict, mtp_weight, balance_weight):
+  """Next-token loss + mtp_weight x mean MTP loss + balance_weight x mean balance loss."""
+  out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  weights = batch["loss_mask"].astype(jnp.float32)
+  ce_sum, count = token_cross_entropy(out.logits, batch["targets"], weights)
+  main = mean_or_zero(ce_sum, count)
+  mtp = jnp.zeros((), jnp.float32)
+  if out.mtp_logits is not None:
+    for d in range(out.mtp_logits.shape[0]):
+      targets, w = mtp_targets(batch["targets"], batch["segment_ids"], weights, d + 1)
+      mtp += mean_or_zero(*token_cross_entropy(out.mtp_logits[d], targets, w))
+    mtp /= out.mtp_logits.shape[0]
+  balance = out.router.balance_loss.mean() if out.router is not None else jnp.zeros(())
+  total = main + mtp_weight * mtp + balance_weight * balance
+  load = out.router.tokens_per_expert if out.router is not None else None
+  dropped = out.router.dropped.sum() if out.router is not None else jnp.zeros((), jnp.int32)
+  return total, dict(loss=main, mtp_loss=mtp, balance_loss=balance, load=load, dropped=dropped,
+                     tokens=count)
+
+
+def router_bias_update(extra: dict, load_LE: jax.Array, gamma) -> dict:
+  """bias_i += gamma * sign(mean load - load_i) for every MoE layer, main layers then MTP blocks."""
+  delta_LE = gamma * jnp.sign(load_LE.mean(-1, keepdims=True) - load_LE)
+  extra = jax.tree.map(lambda x: x, extra)
+  n = 0
+  if "moe_layers" in extra:
+    bias = extra["moe_layers"]["ffn"]["router"]["bias"]
+    n = bias.shape[0]
+    extra["moe_layers"]["ffn"]["router"]["bias"] = bias + delta_LE[:n]
+  for k in sorted(extra.get("mtp", {})):
+    router = extra["mtp"][k]["block"]["ffn"]["router"]
+    router["bias"] = router["bias"] + delta_LE[n]
+    n += 1
+  return extra
+
+
+def expert_load_metrics(load_LE: jax.Array) -> dict:
+  """Worst layer's max/mean load and the mean coefficient of variation of the load."""
+  load = load_LE.astype(jnp.float32)
+  mean = load.mean(-1)
+  return dict(expert_load_max_over_mean=(load.max(-1) / jnp.maximum(mean, 1)).max(),
+              expert_load_min_over_mean=(load.min(-1) / jnp.maximum(mean, 1)).min(),
+              expert_load_cv=(load.std(-1) / jnp.maximum(mean, 1)).mean())
+
+
+def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransformation,
+                    cfg: StepConfig, learning_rate: Callable | None = None):
+  """The pure `train_step(state, batch) -> (state, metrics)`; jit it with donated state."""
+
+  def loss_fn(params, extra, micro, step):
+    model = template.merge(params, extra)
+    return lm_loss(model, micro, _at(cfg.mtp_weight, step), cfg.balance_weight)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict):
+    m = cfg.microbatches
+    micro = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
+
+    def accumulate(carry, mb):
+      (loss, aux), grads = grad_fn(state.params, state.extra, mb, state.step)
+      return jax.tree.map(jnp.add, carry, (grads, aux)), None
+
+    zeros = jax.eval_shape(lambda: grad_fn(state.params, state.extra,
+                                           jax.tree.map(lambda x: x[0], micro), state.step))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+    (grads, aux), _ = jax.lax.scan(accumulate, zeros, micro)
+    grads = jax.tree.map(lambda g: g / m, grads)
+    means = {k: aux[k] / m for k in ("loss", "mtp_loss", "balance_loss")}
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(means["loss"]) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    extra = state.extra
+    metrics = dict(**means, grad_norm=grad_norm, skipped=state.skipped + (~ok).astype(jnp.int32),
+                   tokens=aux["tokens"])
+    if aux["load"] is not None:
+      extra = keep(router_bias_update(state.extra, aux["load"], _at(cfg.bias_gamma, state.step)),
+                   state.extra)
+      metrics.update(expert_load_metrics(aux["load"]), dropped_tokens=aux["dropped"])
+    if learning_rate is not None:
+      metrics["lr"] = learning_rate(state.step)
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params), extra=extra,
+                           opt_state=keep(opt_state, state.opt_state), skipped=metrics["skipped"])
+    return new_state, metrics
+
+  return train_step
