@@ -1,0 +1,115 @@
+"""Built-in corpus, tokenizers and the grain pipeline."""
+
+import json
+
+import numpy as np
+import pytest
+
+from train import corpus
+from train.data import DataConfig, make_dataset, split_indices
+from train.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+
+@pytest.fixture(scope="module")
+def tok():
+  docs = corpus.BuiltinCorpus(0, 400)
+  return train_sentencepiece((docs[i] for i in range(len(docs))), 384)
+
+
+def test_corpus_is_deterministic_and_correct():
+  assert corpus.document(3, 17) == corpus.document(3, 17) != corpus.document(4, 17)
+  import random
+  r = random.Random(0)
+  for _ in range(50):
+    fact = corpus.arithmetic_fact(r)
+    lhs, rhs = fact.rstrip(".").split(" = ")
+    assert eval(lhs) == int(rhs)
+    line = corpus.countdown(r)
+    expression, target = line.split(": ", 1)[1].rstrip(".").split(" = ")
+    assert eval(expression) == int(target)
+    calc = corpus.worked_calculation(r)
+    question = calc.split(". Step")[0][len("Compute "):]
+    assert eval(question) == int(calc.rsplit("Answer: ", 1)[1].rstrip("."))
+    program = corpus.python_function(r)
+    exec(program, {})  # The asserts in it must hold.
+
+
+def test_sentencepiece_round_trip_and_reload(tok, tmp_path):
+  text = corpus.document(0, 3)
+  assert tok.decode(tok.encode(text)) == text
+  path = tmp_path / "sp.model"
+  path.write_bytes(tok.model_proto)
+  again = SentencePieceTokenizer(str(path))
+  assert again.encode(text) == tok.encode(text) and again.vocab_size == 384
+
+
+def test_hf_tokenizer_json(tmp_path):
+  tokenizers = pytest.importorskip("tokenizers")
+  from tokenizers import models, pre_tokenizers
+  from train.tokenizer import HFTokenizer
+  vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2, "1": 3, "+": 4, "=": 5, "2": 6}
+  hf = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  hf.pre_tokenizer = pre_tokenizers.Whitespace()
+  hf.save(str(tmp_path / "tokenizer.json"))
+  t = HFTokenizer(str(tmp_path / "tokenizer.json"), bos_token="<s>", eos_token="</s>")
+  assert t.encode("1 + 1 = 2") == [3, 4, 3, 5, 6] and (t.bos_id, t.eos_id) == (0, 1)
+
+
+def test_packed_batches(tok):
+  cfg = DataConfig(seq_len=48, batch_size=4, builtin_docs=400)
+  batch = next(iter(make_dataset(cfg, tok)))
+  assert all(v.shape == (4, 48) for v in batch.values())
+  np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+  seg, pos, mask = batch["segment_ids"], batch["positions"], batch["loss_mask"]
+  starts = np.diff(seg, axis=1) != 0
+  assert starts.any(), "rows should pack several documents"
+  assert np.all(pos[:, 1:][starts] == 0)  # Positions restart with each document.
+  # A position predicting the first token of the next document carries no loss.
+  np.testing.assert_array_equal(mask[:, :-1][starts], 0)
+  # Each document starts with BOS.
+  assert np.all(batch["inputs"][:, 1:][starts] == tok.bos_id)
+
+
+def test_resume_from_iterator_state(tok):
+  cfg = DataConfig(seq_len=32, batch_size=2, builtin_docs=400)
+  it = iter(make_dataset(cfg, tok))
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  resumed = iter(make_dataset(cfg, tok))
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_splits_and_process_slices_are_disjoint(tok):
+  cfg = DataConfig(builtin_docs=1000, eval_fraction=0.1)
+  train, held = set(split_indices(1000, cfg, "train")), set(split_indices(1000, cfg, "eval"))
+  assert not train & held and len(train | held) == 1000 and 50 < len(held) < 150
+  sliced = DataConfig(builtin_docs=1000, batch_size=4, seq_len=16)
+  a = next(iter(make_dataset(sliced, tok, process_index=0, process_count=2)))
+  b = next(iter(make_dataset(sliced, tok, process_index=1, process_count=2)))
+  assert a["inputs"].shape == (2, 16) and not np.array_equal(a["inputs"], b["inputs"])
+
+
+def test_jsonl_and_text_sources(tok, tmp_path):
+  (tmp_path / "a.jsonl").write_text(json.dumps({"body": "1 + 2 = 3."}) + "\n" +
+                                    json.dumps({"body": "2 * 3 = 6."}) + "\n")
+  cfg = DataConfig(source="jsonl", paths=str(tmp_path / "*.jsonl"), jsonl_field="body", seq_len=8,
+                   batch_size=1, eval_fraction=0.0)
+  row = next(iter(make_dataset(cfg, tok)))
+  assert row["inputs"][0, 0] == tok.bos_id
+  decoded = tok.decode(row["inputs"][0, 1:])  # seq_len 8 cuts the document short.
+  assert "1 + 2 = 3.".startswith(decoded) or "2 * 3 = 6.".startswith(decoded)
+  (tmp_path / "b.txt").write_text("7 + 1 = 8.")
+  text = DataConfig(source="text", paths=str(tmp_path / "*.txt"), seq_len=4, batch_size=1,
+                    eval_fraction=0.0)
+  first = next(iter(make_dataset(text, tok)))
+  assert "7 + 1 = 8.".startswith(tok.decode(first["inputs"][0, 1:]))
+  (tmp_path / "bad.jsonl").write_text('{"body": "ok"}\n{"body": 3}\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: no string field 'body'"):
+    make_dataset(DataConfig(source="jsonl", paths=str(tmp_path / "bad.jsonl"), jsonl_field="body"),
+                 tok)

@@ -1,0 +1,141 @@
+"""The grain data pipeline: source -> held-out split -> process slice -> shuffle -> tokenize ->
+pack (concatenate then split, with segment ids and positions) -> batch -> model batch.
+
+A model batch is a dict of [B, T] arrays: inputs, targets, segment_ids, positions, loss_mask. A
+target that belongs to the next document (or to padding) has loss_mask 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import zlib
+from typing import Sequence
+
+import grain
+import numpy as np
+from grain.experimental import ConcatThenSplitIterDataset
+
+from train.corpus import BuiltinCorpus
+from train.tokenizer import Tokenizer
+
+SOURCES = ("builtin", "text", "jsonl")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str = "builtin"  # "builtin", "text" (one document per file) or "jsonl".
+  paths: str = ""  # Glob (comma-separated globs allowed) for text and jsonl sources.
+  jsonl_field: str = "text"  # The field of each JSONL object holding the document.
+  builtin_docs: int = 20000  # Size of the built-in corpus.
+  seq_len: int = 128
+  batch_size: int = 8  # Global batch; each process gets batch_size / process_count rows.
+  seed: int = 0  # Corpus, split and shuffle seed.
+  eval_fraction: float = 0.02  # Documents held out for evaluation (disjoint from training).
+  add_bos: bool = True
+  add_eos: bool = True
+
+  def __post_init__(self):
+    if self.source not in SOURCES:
+      raise ValueError(f"DataConfig.source must be one of {SOURCES}, got {self.source!r}")
+    if self.source != "builtin" and not self.paths:
+      raise ValueError(f"DataConfig.paths must name files for source {self.source!r}")
+    if not 0 <= self.eval_fraction < 1:
+      raise ValueError(f"DataConfig.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+class TextFiles:
+  """One document per file."""
+
+  def __init__(self, files: Sequence[str]):
+    self.files = list(files)
+
+  def __len__(self):
+    return len(self.files)
+
+  def __getitem__(self, i: int) -> str:
+    with open(self.files[i], encoding="utf-8") as f:
+      return f.read()
+
+
+class JsonlFiles:
+  """One document per line: the string in `field` of each JSON object."""
+
+  def __init__(self, files: Sequence[str], field: str):
+    self.docs = []
+    for path in files:
+      with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+          if not line.strip():
+            continue
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
+          if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise ValueError(f"{path}:{line_no}: no string field {field!r}")
+          self.docs.append(record[field])
+
+  def __len__(self):
+    return len(self.docs)
+
+  def __getitem__(self, i: int) -> str:
+    return self.docs[i]
+
+
+def _files(paths: str) -> list[str]:
+  files = sorted({f for pattern in paths.split(",") for f in glob.glob(pattern.strip())})
+  if not files:
+    raise FileNotFoundError(f"DataConfig.paths {paths!r} matches no files")
+  return files
+
+
+def open_source(cfg: DataConfig):
+  """The configured documents as a random-access sequence of strings."""
+  if cfg.source == "builtin":
+    return BuiltinCorpus(cfg.seed, cfg.builtin_docs)
+  if cfg.source == "text":
+    return TextFiles(_files(cfg.paths))
+  return JsonlFiles(_files(cfg.paths), cfg.jsonl_field)
+
+
+def split_indices(num_docs: int, cfg: DataConfig, split: str) -> np.ndarray:
+  """Document indices of `split` ("train" or "eval"), fixed by a hash of (seed, index)."""
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  held_out = np.array([zlib.crc32(f"{cfg.seed}:{i}".encode()) % 10_000 < cfg.eval_fraction * 10_000
+                       for i in range(num_docs)], bool)
+  return np.flatnonzero(held_out if split == "eval" else ~held_out)
+
+
+def to_model_batch(packed: dict) -> dict:
+  """[B, T+1] packed tokens -> [B, T] inputs/targets with segments, positions and loss mask."""
+  tokens, segments = packed["tokens"], packed["tokens_segment_ids"]
+  return dict(
+      inputs=tokens[:, :-1].astype(np.int32), targets=tokens[:, 1:].astype(np.int32),
+      segment_ids=segments[:, :-1].astype(np.int32),
+      positions=packed["tokens_positions"][:, :-1].astype(np.int32),
+      loss_mask=((segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] > 0)).astype(np.float32))
+
+
+def make_dataset(cfg: DataConfig, tokenizer: Tokenizer, split: str = "train",
+                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Model batches for this process. Training repeats and reshuffles every epoch; eval runs once."""
+  if cfg.batch_size % process_count:
+    raise ValueError(f"DataConfig.batch_size ({cfg.batch_size}) must divide by the "
+                     f"{process_count} processes")
+  source = open_source(cfg)
+  indices = split_indices(len(source), cfg, split)[process_index::process_count]
+  if len(indices) == 0:
+    raise ValueError(f"the {split} split of this process is empty: use more documents or change "
+                     "DataConfig.eval_fraction")
+  ds = grain.MapDataset.source(indices).map(lambda i: source[int(i)])
+  if split == "train":
+    ds = ds.shuffle(seed=cfg.seed).repeat(None)
+  bos = [tokenizer.bos_id] if cfg.add_bos else []
+  eos = [tokenizer.eos_id] if cfg.add_eos else []
+  ds = ds.map(lambda text: {"tokens": np.asarray(bos + tokenizer.encode(text) + eos, np.int32)})
+  packed = ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": cfg.seq_len + 1})
+  batched = packed.batch(cfg.batch_size // process_count, drop_remainder=split == "train")
+  return batched.map(to_model_batch)

@@ -1,0 +1,76 @@
+"""Tokenizers: a SentencePiece model trained on a corpus sample, an existing one, or a HF tokenizer.json."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Iterable, Protocol
+
+import sentencepiece as spm
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+  bos_id: int
+  eos_id: int
+  pad_id: int
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def decode(self, ids: Iterable[int]) -> str: ...
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model (file path or serialized bytes)."""
+
+  def __init__(self, model: str | bytes):
+    if isinstance(model, str):
+      if not os.path.exists(model):
+        raise FileNotFoundError(f"SentencePiece model {model!r} does not exist")
+      with open(model, "rb") as f:
+        model = f.read()
+    self.model_proto = model
+    self._sp = spm.SentencePieceProcessor(model_proto=model)
+    self.vocab_size = self._sp.get_piece_size()
+    self.bos_id, self.eos_id, self.pad_id = self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> SentencePieceTokenizer:
+  """Trains a byte-fallback BPE SentencePiece model on `texts` (digits split, whitespace kept)."""
+  out = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_writer=out, vocab_size=vocab_size, model_type="bpe",
+      byte_fallback=True, split_digits=True, remove_extra_whitespaces=False,
+      normalization_rule_name="identity", pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+      user_defined_symbols=["\n", "    "], minloglevel=2)
+  return SentencePieceTokenizer(out.getvalue())
+
+
+class HFTokenizer:
+  """A HF `tokenizer.json` (DeepSeek's among them), read with the `tokenizers` package."""
+
+  def __init__(self, path: str, bos_token: str | None = None, eos_token: str | None = None):
+    try:
+      from tokenizers import Tokenizer as _Tokenizer
+    except ImportError as e:
+      raise ImportError("HFTokenizer needs the `tokenizers` package (the `hf` extra)") from e
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
+    self._tok = _Tokenizer.from_file(path)
+    self.vocab_size = self._tok.get_vocab_size()
+    lookup = lambda token, default: self._tok.token_to_id(token) if token else default
+    self.bos_id = lookup(bos_token, 0)
+    self.eos_id = lookup(eos_token, 1)
+    self.pad_id = self.eos_id
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._tok.decode([int(i) for i in ids])
