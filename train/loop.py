@@ -1,0 +1,147 @@
+"""The pre-training run: build or resume everything from a config, then step, log, evaluate, save."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from model import hf
+from model.config import ModelConfig, YarnConfig, get_preset
+from model.transformer import init_model
+from train import optimizer as opt
+from train.checkpoint import Checkpointer, check_run_config
+from train.data import DataConfig, make_dataset, open_source
+from train.metrics import MetricsWriter, peak_flops
+from train.step import StepConfig, create_train_state, lm_loss, make_train_step
+from train.tokenizer import HFTokenizer, SentencePieceTokenizer, train_sentencepiece
+
+
+def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
+  """The preset named by `model.preset` with `model_overrides` applied."""
+  overrides = dict(c.model_overrides)
+  if isinstance(overrides.get("yarn"), dict):
+    overrides["yarn"] = YarnConfig(**overrides["yarn"])
+  return get_preset(c.model.preset).replace(**overrides)
+
+
+def build_tokenizer(c: ml_collections.ConfigDict, data_cfg: DataConfig, vocab_size: int, workdir: str):
+  """Trains (once; later runs reuse DIR/tokenizer.model) or loads the configured tokenizer."""
+  t = c.tokenizer
+  if t.kind == "sentencepiece":
+    return SentencePieceTokenizer(t.path)
+  if t.kind == "hf_json":
+    return HFTokenizer(t.path, bos_token=t.bos_token or None, eos_token=t.eos_token or None)
+  if t.kind != "train_sentencepiece":
+    raise ValueError(f"config.tokenizer.kind must be train_sentencepiece, sentencepiece or hf_json, "
+                     f"got {t.kind!r}")
+  path = os.path.join(workdir, "tokenizer.model")
+  if os.path.exists(path):
+    return SentencePieceTokenizer(path)
+  source = open_source(data_cfg)
+  tokenizer = train_sentencepiece((source[i] for i in range(min(t.train_docs, len(source)))),
+                                  vocab_size)
+  with open(path, "wb") as f:
+    f.write(tokenizer.model_proto)
+  return tokenizer
+
+
+def _initial_model(c, cfg: ModelConfig):
+  if not c.init_from:
+    return init_model(cfg, seed=c.seed)
+  if os.path.exists(os.path.join(c.init_from, "config.json")):
+    model = hf.load_pretrained(c.init_from)
+    if model.cfg.replace(dtype=cfg.dtype) != cfg:
+      raise ValueError(f"config.init_from {c.init_from!r}: its config.json does not match the run's "
+                       "model config; set config.model_overrides to the checkpoint's shapes")
+    return model
+  model = init_model(cfg, seed=c.seed)
+  tx = opt.make_optimizer(opt.OptimizerConfig(total_steps=2, warmup_steps=0))
+  template, state = create_train_state(model, tx)
+  ckpt = Checkpointer(c.init_from, every=1, keep=1)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"config.init_from {c.init_from!r} has no config.json (HF) and no "
+                            "checkpoints/ (workdir)")
+  restored, _ = ckpt.restore(step, state)
+  ckpt.close()
+  return template.merge(restored.params, restored.extra)
+
+
+def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Runs (or resumes) pre-training; returns the logged metrics rows of this invocation."""
+  os.makedirs(workdir, exist_ok=True)
+  cfg = model_config(c)
+  data_cfg = DataConfig(**dict(c.data))
+  opt_cfg = opt.OptimizerConfig(total_steps=c.total_steps, **dict(c.optimizer))
+  step_cfg = StepConfig(**dict(c.step))
+  check_run_config(workdir, dict(
+      model=dataclasses.asdict(cfg), data=dataclasses.asdict(data_cfg),
+      tokenizer=dict(c.tokenizer), optimizer=dataclasses.asdict(opt_cfg),
+      step=dataclasses.asdict(step_cfg), seed=c.seed, init_from=c.init_from))
+  tokenizer = build_tokenizer(c, data_cfg, cfg.vocab_size, workdir)
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but "
+                     f"config.model_overrides.vocab_size is {cfg.vocab_size}")
+
+  tx = opt.make_optimizer(opt_cfg)
+  template, state = create_train_state(_initial_model(c, cfg), tx)
+  data = iter(make_dataset(data_cfg, tokenizer, "train", jax.process_index(), jax.process_count()))
+  ckpt = Checkpointer(workdir, c.checkpoint_every, c.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state = ckpt.restore(start, state)
+    data.set_state(data_state)
+    print(f"resumed from {workdir}/checkpoints step {start}", flush=True)
+
+  lr = opt.learning_rate(opt_cfg)
+  train_step = jax.jit(make_train_step(template, tx, step_cfg, lr), donate_argnums=0)
+
+  @jax.jit
+  def eval_loss(params, extra, batch):
+    return lm_loss(template.merge(params, extra), batch, 0.0, 0.0)[1]["loss"]
+
+  tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
+  peak, peak_source = peak_flops(c.peak_flops)
+  flops_per_token = cfg.flops_per_token(data_cfg.seq_len)
+  writer = MetricsWriter(workdir, c.total_steps, enabled=jax.process_index() == 0)
+  rows, step, tick = [], int(state.step), time.perf_counter()
+  while step < c.total_steps:
+    state, metrics = train_step(state, next(data))
+    step += 1
+    if step % c.log_every == 0 or step == c.total_steps:
+      metrics = jax.device_get(metrics)
+      elapsed = time.perf_counter() - tick
+      logged = step - (rows[-1]["step"] if rows else (start or 0))
+      tps = tokens_per_step * logged / elapsed
+      row = dict(metrics, tokens_per_sec=tps, mfu=flops_per_token * tps / peak,
+                 peak_flops_source=peak_source)
+      if c.eval_every and (step % c.eval_every == 0 or step == c.total_steps):
+        row["eval_loss"] = _evaluate(eval_loss, state, data_cfg, tokenizer, c.eval_batches)
+        row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
+      writer.write(step, row)
+      rows.append(dict(row, step=step))
+      tick = time.perf_counter()
+    ckpt.save(step, state, data.get_state())
+  ckpt.save(step, state, data.get_state(), force=ckpt.latest_step() != step)
+  ckpt.wait()
+  ckpt.close()
+  return rows
+
+
+def _evaluate(eval_loss, state, data_cfg, tokenizer, batches: int) -> float:
+  """Mean next-token loss over the first `batches` held-out batches."""
+  losses = []
+  for i, batch in enumerate(make_dataset(data_cfg, tokenizer, "eval", jax.process_index(),
+                                         jax.process_count())):
+    if i == batches:
+      break
+    if batch["inputs"].shape[0] * jax.process_count() != data_cfg.batch_size:
+      break  # The last, partial batch would compile another shape.
+    losses.append(float(eval_loss(state.params, state.extra, batch)))
+  return float(np.mean(losses)) if losses else float("nan")

@@ -1,0 +1,63 @@
+"""Metrics: DIR/metrics.jsonl (one JSON object per logged step), a progress line, and MFU."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+              "NVIDIA A100": 312e12}
+
+
+def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a jitted float32 [n, n] matmul on this device (the CPU's practical peak)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    f(a).block_until_ready()
+  return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def peak_flops(override: float = 0.0) -> tuple[float, str]:
+  """(peak FLOP/s summed over devices, where it came from): a flag, the table, or a measurement."""
+  if override > 0:
+    return override, "flag"
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return flops * jax.device_count(), f"table:{name}"
+  return measured_matmul_flops() * jax.device_count(), "measured_matmul"
+
+
+class MetricsWriter:
+  """Appends JSON lines to DIR/metrics.jsonl and prints a progress line with the ETA."""
+
+  def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.total_steps = total_steps
+    self.enabled = enabled
+    self.start_time, self.start_step = time.perf_counter(), None
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    row = {"step": step, **{k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self.start_step is None:
+      self.start_step, self.start_time = step, time.perf_counter()
+    done = step - self.start_step
+    rate = done / max(time.perf_counter() - self.start_time, 1e-9)
+    eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+    shown = " ".join(f"{k}={row[k]:.4g}" for k in ("loss", "eval_loss", "lr", "tokens_per_sec", "mfu")
+                     if isinstance(row.get(k), float))
+    print(f"[{step}/{self.total_steps}] {shown} eta={eta:.0f}s", file=sys.stderr, flush=True)

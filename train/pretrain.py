@@ -1,0 +1,33 @@
+"""Pre-training entry point.
+
+  python -m train.pretrain                      # tiny model on the built-in corpus, ./workdir/pretrain
+  python -m train.pretrain --config=configs/pretrain.py --workdir=DIR --config.total_steps=1000
+
+Re-running the same command resumes from the latest checkpoint in DIR.
+"""
+
+import os
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "pretrain.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/pretrain", "Checkpoints, metrics, tokenizer.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ:
+    jax.distributed.initialize()
+  from train.loop import pretrain  # After distributed initialisation.
+  rows = pretrain(_CONFIG.value, _WORKDIR.value)
+  if rows:
+    print(f"done: step {rows[-1]['step']} loss {rows[-1]['loss']:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
