@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.py
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m model.summary --preset=tiny
+	$(PY) -m train.pretrain
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -128,7 +128,10 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       rows.append(dict(row, step=step))
       tick = time.perf_counter()
     ckpt.save(step, state, data.get_state())
-  ckpt.save(step, state, data.get_state(), force=ckpt.latest_step() != step)
+  if ckpt.latest_step() != step:
+    ckpt.save(step, state, data.get_state(), force=True)
+  else:
+    print(f"{workdir}: run complete at step {step}", flush=True)
   ckpt.wait()
   ckpt.close()
   return rows
