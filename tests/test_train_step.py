@@ -29,10 +29,10 @@ def setup():
   cfg = small_config(num_layers=2)
   ocfg = opt.OptimizerConfig(peak_lr=1e-2, warmup_steps=2, total_steps=40)
   tx = opt.make_optimizer(ocfg)
-  template, state = create_train_state(init_model(cfg, seed=0), tx)
+  template, state = create_train_state(init_model(cfg, seed=0), tx, spike_window=8)
   initial = jax.tree.map(np.asarray, state)
   fresh = lambda: jax.tree.map(jnp.array, initial)
-  steps = {m: jax.jit(make_train_step(template, tx, StepConfig(microbatches=m),
+  steps = {m: jax.jit(make_train_step(template, tx, StepConfig(microbatches=m, spike_zscore=6.0, spike_window=8),
                                       opt.learning_rate(ocfg)), donate_argnums=0)
            for m in (1, 2)}
   return cfg, fresh, steps
@@ -114,3 +114,17 @@ def test_decay_mask_and_schedules():
   assert float(wsd(100)) == pytest.approx(0.1)
   cosine = opt.learning_rate(opt.OptimizerConfig(peak_lr=1.0, warmup_steps=10, total_steps=100))
   assert float(cosine(10)) == pytest.approx(1.0) and float(cosine(100)) == pytest.approx(0.1)
+
+
+def test_loss_spike_is_skipped(setup):
+  cfg, fresh, steps = setup
+  state = fresh()
+  # A window of recent losses near 1.0: the fresh model's loss (about ln 61 = 4.1) is a spike.
+  window = (1.0 + 0.01 * np.arange(8)).astype(np.float32)
+  state = state.replace(loss_window=jnp.asarray(window), window_count=jnp.asarray(8, jnp.int32))
+  before = jax.tree.map(np.asarray, state.params)
+  state, metrics = steps[1](state, _batch(cfg))
+  assert bool(metrics["loss_spike"]) and int(metrics["bad_streak"]) == 1 and int(state.skipped) == 1
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(state.loss_window, window)  # Rejected losses stay out.

@@ -90,7 +90,7 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                      f"config.model_overrides.vocab_size is {cfg.vocab_size}")
 
   tx = opt.make_optimizer(opt_cfg)
-  template, state = create_train_state(_initial_model(c, cfg), tx)
+  template, state = create_train_state(_initial_model(c, cfg), tx, step_cfg.spike_window)
   data = iter(make_dataset(data_cfg, tokenizer, "train", jax.process_index(), jax.process_count()))
   ckpt = Checkpointer(workdir, c.checkpoint_every, c.keep_checkpoints)
   start = ckpt.latest_step()
@@ -110,10 +110,23 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   peak, peak_source = peak_flops(c.peak_flops)
   flops_per_token = cfg.flops_per_token(data_cfg.seq_len)
   writer = MetricsWriter(workdir, c.total_steps, enabled=jax.process_index() == 0)
-  rows, step, tick = [], int(state.step), time.perf_counter()
+  rows, step, tick, restores = [], int(state.step), time.perf_counter(), 0
   while step < c.total_steps:
     state, metrics = train_step(state, next(data))
     step += 1
+    if c.max_bad_steps and int(metrics["bad_streak"]) >= c.max_bad_steps:
+      good = ckpt.latest_step()
+      restores += 1
+      if good is None or restores > 3:
+        raise RuntimeError(f"step {step}: {c.max_bad_steps} consecutive skipped steps and "
+                           f"{'no checkpoint' if good is None else 'three restores already'}; "
+                           "lower config.optimizer.peak_lr or inspect the data")
+      ckpt.wait()
+      state, _ = ckpt.restore(good, state)  # The data iterator moves on past the bad batches.
+      print(f"step {step}: {c.max_bad_steps} consecutive skipped steps; restored the checkpoint of "
+            f"step {good}", flush=True)
+      step = good
+      continue
     if step % c.log_every == 0 or step == c.total_steps:
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - tick

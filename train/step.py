@@ -30,7 +30,10 @@ class TrainState:
   params: Any  # Pure dict of the model's nnx.Param values.
   extra: Any  # Pure dict of the other variables (router load-balancing biases).
   opt_state: Any
-  skipped: jax.Array  # Updates skipped because the loss or gradients were not finite.
+  skipped: jax.Array  # Updates skipped: non-finite loss or gradients, or a loss spike.
+  bad_streak: jax.Array  # Consecutive skipped updates up to now.
+  loss_window: jax.Array  # [W] recent accepted losses, for the spike z-score.
+  window_count: jax.Array  # How many accepted losses the window has seen.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,8 @@ class StepConfig:
   balance_weight: float = 1e-4  # Sequence-wise balance loss alpha.
   bias_gamma: Schedule = 1e-3  # Bias update speed; 0 turns the update off.
   microbatches: int = 1  # Gradient accumulation: the batch is split along its first axis.
+  spike_zscore: float = 0.0  # Skip a step whose loss is this many stds above the window; 0: off.
+  spike_window: int = 32  # Accepted losses the spike statistics are taken over.
 
 
 def _at(schedule: Schedule, step):
@@ -63,13 +68,17 @@ class ModelTemplate:
     return nnx.merge(self.graphdef, p, e)
 
 
-def create_train_state(model: Transformer, optimizer: optax.GradientTransformation):
+def create_train_state(model: Transformer, optimizer: optax.GradientTransformation,
+                       spike_window: int = 32):
   """(template, state) for `model`: parameters, router biases and a fresh optimizer state."""
   template = ModelTemplate(model)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   extra = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, extra=extra,
-                     opt_state=optimizer.init(params), skipped=jnp.zeros((), jnp.int32))
+                     opt_state=optimizer.init(params), skipped=jnp.zeros((), jnp.int32),
+                     bad_streak=jnp.zeros((), jnp.int32),
+                     loss_window=jnp.zeros((spike_window,), jnp.float32),
+                     window_count=jnp.zeros((), jnp.int32))
   return template, state
 
 
@@ -118,6 +127,15 @@ def expert_load_metrics(load_LE: jax.Array) -> dict:
               expert_load_cv=(load.std(-1) / jnp.maximum(mean, 1)).mean())
 
 
+def loss_spike(state: TrainState, loss, cfg: StepConfig):
+  """True when the window is full and `loss` is more than `spike_zscore` stds above its mean."""
+  if not cfg.spike_zscore:
+    return jnp.zeros((), bool)
+  window = state.loss_window
+  z = (loss - window.mean()) / (window.std() + 1e-6)
+  return (state.window_count >= window.shape[0]) & (z > cfg.spike_zscore)
+
+
 def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransformation,
                     cfg: StepConfig, learning_rate: Callable | None = None):
   """The pure `train_step(state, batch) -> (state, metrics)`; jit it with donated state."""
@@ -143,13 +161,16 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
     grads = jax.tree.map(lambda g: g / m, grads)
     means = {k: aux[k] / m for k in ("loss", "mtp_loss", "balance_loss")}
     grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(means["loss"]) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(means["loss"]) & jnp.isfinite(grad_norm)
+    spike = loss_spike(state, means["loss"], cfg)
+    ok = finite & ~spike
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     extra = state.extra
+    bad_streak = jnp.where(ok, 0, state.bad_streak + 1)
     metrics = dict(**means, grad_norm=grad_norm, skipped=state.skipped + (~ok).astype(jnp.int32),
-                   tokens=aux["tokens"])
+                   loss_spike=spike, bad_streak=bad_streak, tokens=aux["tokens"])
     if aux["load"] is not None:
       extra = keep(router_bias_update(state.extra, aux["load"], _at(cfg.bias_gamma, state.step)),
                    state.extra)
@@ -157,7 +178,11 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
     if learning_rate is not None:
       metrics["lr"] = learning_rate(state.step)
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params), extra=extra,
-                           opt_state=keep(opt_state, state.opt_state), skipped=metrics["skipped"])
+                           opt_state=keep(opt_state, state.opt_state), skipped=metrics["skipped"],
+                           bad_streak=bad_streak,
+                           loss_window=jnp.where(ok, jnp.roll(state.loss_window, 1).at[0].set(
+                               means["loss"]), state.loss_window),
+                           window_count=state.window_count + ok.astype(jnp.int32))
     return new_state, metrics
 
   return train_step
