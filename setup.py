@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2", "flax>=0.12", "optax", "orbax-checkpoint", "chex", "grain", "sentencepiece",
-        "absl-py", "ml_collections", "numpy", "ml_dtypes",
+        "absl-py", "ml_collections", "numpy", "ml_dtypes", "pyarrow", "tensorboardX",
     ],
     extras_require={
         "test": ["pytest"],

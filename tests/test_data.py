@@ -1,5 +1,6 @@
 """Built-in corpus, tokenizers and the grain pipeline."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -113,3 +114,25 @@ def test_jsonl_and_text_sources(tok, tmp_path):
   with pytest.raises(ValueError, match=r"bad.jsonl:2: no string field 'body'"):
     make_dataset(DataConfig(source="jsonl", paths=str(tmp_path / "bad.jsonl"), jsonl_field="body"),
                  tok)
+
+
+def test_parquet_and_arrayrecord_sources(tok, tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from array_record.python.array_record_module import ArrayRecordWriter
+  from train.data import open_source
+  docs = ["1 + 2 = 3.", "4 * 5 = 20.", "9 - 3 = 6."]
+  pq.write_table(pa.table({"content": docs}), str(tmp_path / "d.parquet"))
+  writer = ArrayRecordWriter(str(tmp_path / "d.array_record"), "group_size:1")
+  for d in docs:
+    writer.write(d.encode("utf-8"))
+  writer.close()
+  parquet = DataConfig(source="parquet", paths=str(tmp_path / "*.parquet"), jsonl_field="content")
+  records = DataConfig(source="arrayrecord", paths=str(tmp_path / "*.array_record"))
+  assert list(open_source(parquet)[i] for i in range(3)) == docs
+  assert list(open_source(records)[i] for i in range(3)) == docs
+  with pytest.raises(ValueError, match="no column 'text'"):
+    open_source(DataConfig(source="parquet", paths=str(tmp_path / "*.parquet")))
+  small = dataclasses.replace(records, seq_len=8, batch_size=1, eval_fraction=0.0)
+  batch = next(iter(make_dataset(small, tok)))
+  assert batch["inputs"][0, 0] == tok.bos_id

@@ -20,14 +20,14 @@ from grain.experimental import ConcatThenSplitIterDataset
 from train.corpus import BuiltinCorpus
 from train.tokenizer import Tokenizer
 
-SOURCES = ("builtin", "text", "jsonl")
+SOURCES = ("builtin", "text", "jsonl", "parquet", "arrayrecord")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "builtin"  # "builtin", "text" (one document per file) or "jsonl".
-  paths: str = ""  # Glob (comma-separated globs allowed) for text and jsonl sources.
-  jsonl_field: str = "text"  # The field of each JSONL object holding the document.
+  source: str = "builtin"  # builtin, text (one document per file), jsonl, parquet, arrayrecord.
+  paths: str = ""  # Glob (comma-separated globs allowed) for the file sources.
+  jsonl_field: str = "text"  # The JSONL field or Parquet column holding the document.
   builtin_docs: int = 20000  # Size of the built-in corpus.
   seq_len: int = 128
   batch_size: int = 8  # Global batch; each process gets batch_size / process_count rows.
@@ -84,6 +84,38 @@ class JsonlFiles:
     return self.docs[i]
 
 
+class ParquetFiles:
+  """One document per row: the string column `column` of every file."""
+
+  def __init__(self, files: Sequence[str], column: str):
+    import pyarrow.parquet as pq
+    self.docs = []
+    for path in files:
+      table = pq.read_table(path)
+      if column not in table.column_names:
+        raise ValueError(f"{path}: no column {column!r} (columns: {table.column_names})")
+      self.docs.extend(table.column(column).to_pylist())
+
+  def __len__(self):
+    return len(self.docs)
+
+  def __getitem__(self, i: int) -> str:
+    return self.docs[i]
+
+
+class ArrayRecordFiles:
+  """One document per record (UTF-8 bytes), read at random through grain's ArrayRecord source."""
+
+  def __init__(self, files: Sequence[str]):
+    self.source = grain.sources.ArrayRecordDataSource(list(files))
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> str:
+    return self.source[i].decode("utf-8")
+
+
 def _files(paths: str) -> list[str]:
   files = sorted({f for pattern in paths.split(",") for f in glob.glob(pattern.strip())})
   if not files:
@@ -95,9 +127,14 @@ def open_source(cfg: DataConfig):
   """The configured documents as a random-access sequence of strings."""
   if cfg.source == "builtin":
     return BuiltinCorpus(cfg.seed, cfg.builtin_docs)
+  files = _files(cfg.paths)
   if cfg.source == "text":
-    return TextFiles(_files(cfg.paths))
-  return JsonlFiles(_files(cfg.paths), cfg.jsonl_field)
+    return TextFiles(files)
+  if cfg.source == "parquet":
+    return ParquetFiles(files, cfg.jsonl_field)
+  if cfg.source == "arrayrecord":
+    return ArrayRecordFiles(files)
+  return JsonlFiles(files, cfg.jsonl_field)
 
 
 def split_indices(num_docs: int, cfg: DataConfig, split: str) -> np.ndarray:

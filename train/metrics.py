@@ -1,4 +1,5 @@
-"""Metrics: DIR/metrics.jsonl (one JSON object per logged step), a progress line, and MFU."""
+"""Metrics: DIR/metrics.jsonl (one JSON object per logged step), TensorBoard events in DIR/tb,
+a progress line, and MFU."""
 
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ class MetricsWriter:
     self.total_steps = total_steps
     self.enabled = enabled
     self.start_time, self.start_step = time.perf_counter(), None
+    self.tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -53,6 +58,10 @@ class MetricsWriter:
     row = {"step": step, **{k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
+    for key, value in row.items():
+      if isinstance(value, float):
+        self.tb.add_scalar(key, value, step)
+    self.tb.flush()
     if self.start_step is None:
       self.start_step, self.start_time = step, time.perf_counter()
     done = step - self.start_step
