@@ -68,8 +68,13 @@ def _initial_model(c, cfg: ModelConfig):
   if step is None:
     raise FileNotFoundError(f"config.init_from {c.init_from!r} has no config.json (HF) and no "
                             "checkpoints/ (workdir)")
-  restored, _ = ckpt.restore(step, state)
-  ckpt.close()
+  try:
+    restored, _ = ckpt.restore(step, state)
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(f"config.init_from {c.init_from!r}: its step-{step} checkpoint does not fit the "
+                     f"run's model config ({type(e).__name__}: {str(e)[:300]})") from e
+  finally:
+    ckpt.close()
   return template.merge(restored.params, restored.extra)
 
 

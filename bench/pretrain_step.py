@@ -1,0 +1,125 @@
+"""Training-step throughput: our jitted step against transformers' PyTorch DeepseekV3ForCausalLM.
+
+Both do forward, backward and AdamW on the same config, weights and batch (float32, CPU). Prints
+one JSON object per (shape, implementation), then one with the ratio.
+
+  .venv/bin/python bench/pretrain_step.py --shapes=bench-tiny,bench-medium --steps=5
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from model import hf
+from model.config import ModelConfig
+from train import optimizer as opt
+from train.metrics import measured_matmul_flops
+from train.step import StepConfig, create_train_state, make_train_step
+
+_SHAPES = flags.DEFINE_list("shapes", ["bench-tiny", "bench-small", "bench-medium"], "Shapes to run.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per implementation (after one warm-up).")
+_TORCH = flags.DEFINE_bool("torch", True, "Also time transformers' PyTorch model.")
+_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 keeps its default.")
+
+# DESIGN.md's benchmark shapes: sigmoid routing, 1 shared, top-2 of 8 routed, first layer dense.
+SHAPES = {
+    "bench-tiny": (dict(vocab_size=512, d_model=128, num_layers=4, dense_ffn_dim=256, num_heads=4,
+                        q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                        v_head_dim=32, moe_ffn_dim=64), (8, 256)),
+    "bench-small": (dict(vocab_size=512, d_model=256, num_layers=4, dense_ffn_dim=256, num_heads=4,
+                         q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                         v_head_dim=32, moe_ffn_dim=256), (4, 256)),
+    "bench-medium": (dict(vocab_size=4096, d_model=512, num_layers=6, dense_ffn_dim=1024,
+                          num_heads=8, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=64,
+                          qk_rope_head_dim=32, v_head_dim=64, moe_ffn_dim=256), (8, 256)),
+}
+
+
+def bench_config(name: str) -> tuple[ModelConfig, tuple[int, int]]:
+  shape, batch = SHAPES[name]
+  cfg = ModelConfig(**shape, num_experts=8, num_shared_experts=1, experts_per_token=2,
+                    num_expert_groups=1, topk_groups=1, first_k_dense=1, mtp_depth=0,
+                    max_seq_len=batch[1], init_std=0.02)
+  return cfg, batch
+
+
+def time_jax(cfg: ModelConfig, tokens: np.ndarray, steps: int) -> float:
+  """Seconds per jitted train step (AdamW, no MTP), after a compiling warm-up step."""
+  from model.transformer import init_model
+  ocfg = opt.OptimizerConfig(peak_lr=1e-3, warmup_steps=0, total_steps=1000, weight_decay=0.0)
+  tx = opt.make_optimizer(ocfg)
+  template, state = create_train_state(init_model(cfg, seed=0), tx)
+  step = jax.jit(make_train_step(template, tx, StepConfig(mtp_weight=0.0, balance_weight=0.0,
+                                                          bias_gamma=0.0)), donate_argnums=0)
+  b, t = tokens.shape[0], tokens.shape[1] - 1
+  batch = dict(inputs=jnp.asarray(tokens[:, :-1]), targets=jnp.asarray(tokens[:, 1:]),
+               positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+               segment_ids=jnp.ones((b, t), jnp.int32), loss_mask=jnp.ones((b, t), jnp.float32))
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  return (time.perf_counter() - start) / steps
+
+
+def time_torch(cfg: ModelConfig, tokens: np.ndarray, steps: int) -> float:
+  """Seconds per eager PyTorch step: forward, cross-entropy, backward, AdamW."""
+  import torch
+  import transformers
+  if _THREADS.value:
+    torch.set_num_threads(_THREADS.value)
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(
+      transformers.AutoConfig.for_model(**hf.to_hf_config(cfg))).float().train()
+  optim = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+  inputs = torch.tensor(tokens[:, :-1], dtype=torch.long)
+  targets = torch.tensor(tokens[:, 1:], dtype=torch.long)
+
+  def one_step():
+    logits = model(inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    optim.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optim.step()
+
+  one_step()
+  start = time.perf_counter()
+  for _ in range(steps):
+    one_step()
+  return (time.perf_counter() - start) / steps
+
+
+def main(argv):
+  del argv
+  peak = measured_matmul_flops()
+  print(json.dumps(dict(kind="peak", matmul_flops_per_sec=peak, device=jax.devices()[0].device_kind)))
+  for name in _SHAPES.value:
+    cfg, (b, t) = bench_config(name)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
+    flops_per_token = cfg.flops_per_token(t)
+    results = {}
+    impls = [("jax", time_jax)] + ([("torch", time_torch)] if _TORCH.value else [])
+    for impl, fn in impls:
+      seconds = fn(cfg, tokens, _STEPS.value)
+      tps = b * t / seconds
+      results[impl] = tps
+      print(json.dumps(dict(kind="step", shape=name, impl=impl, batch=b, seq_len=t,
+                            seconds_per_step=seconds, tokens_per_sec=tps,
+                            mfu=flops_per_token * tps / peak, params=cfg.param_counts()["total"])),
+            flush=True)
+    if "torch" in results:
+      print(json.dumps(dict(kind="ratio", shape=name, jax_over_torch=results["jax"] / results["torch"])),
+            flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
