@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels.grouped_matmul import grouped_matmul
 from model import routing
 from model.config import ModelConfig
 from model.layers import MLP, compute_dtype, normal_init
@@ -47,13 +48,13 @@ def sort_by_expert(experts_TK: jax.Array, num_experts: int):
 
 
 def dropless_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
-  """Every assignment computed: tokens sorted by expert and multiplied with `ragged_dot`."""
+  """Every assignment computed: tokens sorted by expert and multiplied with a grouped matmul."""
   t, k = experts_TK.shape
   order, sizes_E = sort_by_expert(experts_TK, w_gate_EDF.shape[0])
   x_sorted = x_TD[order // k]
-  h = (jax.nn.silu(jax.lax.ragged_dot(x_sorted, w_gate_EDF, sizes_E))
-       * jax.lax.ragged_dot(x_sorted, w_up_EDF, sizes_E))
-  y_sorted = jax.lax.ragged_dot(h, w_down_EFD, sizes_E)
+  h = (jax.nn.silu(grouped_matmul(x_sorted, w_gate_EDF, sizes_E))
+       * grouped_matmul(x_sorted, w_up_EDF, sizes_E))
+  y_sorted = grouped_matmul(h, w_down_EFD, sizes_E)
   y_TKD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
   y_TD = jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), weights_TK)
   return y_TD.astype(x_TD.dtype), jnp.zeros((), jnp.int32)
