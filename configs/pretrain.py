@@ -22,8 +22,10 @@ def get_config(arg=None):
   c.optimizer = ml_collections.ConfigDict(dict(
       peak_lr=3e-3, end_lr_fraction=0.1, warmup_steps=20, schedule="cosine", decay_fraction=0.2,
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0))
-  c.step = ml_collections.ConfigDict(dict(mtp_weight=0.3, balance_weight=1e-4, bias_gamma=1e-3,
-                                          microbatches=1, spike_zscore=6.0, spike_window=32))
+  c.step = ml_collections.ConfigDict(dict(
+      mtp_weight=0.3, mtp_weight_final=0.1, mtp_switch_step=240,  # V3: 0.3, then 0.1 late on.
+      balance_weight=1e-4, bias_gamma=1e-3, bias_gamma_stop_step=0,
+      microbatches=1, spike_zscore=6.0, spike_window=32))
   c.max_bad_steps = 4  # Consecutive skipped steps that restore the last checkpoint; 0: never.
   c.total_steps = 300
   c.log_every = 10

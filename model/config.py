@@ -9,6 +9,7 @@ from typing import Optional
 ATTENTION_TYPES = ("mla", "gqa")
 SCORE_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+REMAT_POLICIES = ("none", "full", "dots_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,7 @@ class ModelConfig:
   mtp_depth: int = 1  # Multi-token prediction modules.
   init_std: float = 0.02
   dtype: str = "float32"  # Compute dtype; parameters are always float32.
+  remat_policy: str = "none"  # Per-block rematerialisation: none, full, or dots_saveable.
 
   def __post_init__(self):
     def positive(*names):
@@ -108,6 +110,9 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.mtp_depth must be >= 0, got {self.mtp_depth}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"ModelConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, "
+                       f"got {self.remat_policy!r}")
     if self.num_experts:
       self._validate_routing()
 

@@ -63,14 +63,25 @@ def stacked_blocks(cfg: ModelConfig, moe: bool, count: int, rngs: nnx.Rngs) -> O
   return nnx.merge(graphdef, create(rngs.params()))
 
 
-def run_stacked(blocks: Optional[Block], x_BTD, positions_BT, mask_B1TS):
-  """Scans `x` through stacked blocks; returns (x, per-layer stats stacked, or None)."""
+_REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
+          "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def run_stacked(blocks: Optional[Block], x_BTD, positions_BT, mask_B1TS, remat_policy="none"):
+  """Scans `x` through stacked blocks; returns (x, per-layer stats stacked, or None).
+
+  With a remat policy each block's activations are recomputed in the backward pass, except what
+  the policy saves.
+  """
   if blocks is None:
     return x_BTD, None
   graphdef, state = nnx.split(blocks)
 
   def body(h_BTD, layer_state):
     return nnx.merge(graphdef, layer_state)(h_BTD, positions_BT, mask_B1TS)
+
+  if remat_policy != "none":
+    body = jax.checkpoint(body, policy=_REMAT[remat_policy])
 
   return jax.lax.scan(body, x_BTD, state)
 
@@ -123,8 +134,9 @@ class Transformer(nnx.Module):
   def blocks(self, x_BTD, positions_BT, mask_B1TS):
     """Runs embeddings [B, T, D] through every block: last hidden states (before the final norm)
     and the MoE layers' router stats."""
-    x_BTD, _ = run_stacked(self.dense_layers, x_BTD, positions_BT, mask_B1TS)
-    return run_stacked(self.moe_layers, x_BTD, positions_BT, mask_B1TS)
+    remat = self.cfg.remat_policy
+    x_BTD, _ = run_stacked(self.dense_layers, x_BTD, positions_BT, mask_B1TS, remat)
+    return run_stacked(self.moe_layers, x_BTD, positions_BT, mask_B1TS, remat)
 
   def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
                segment_ids_BT: Optional[jax.Array] = None) -> ModelOutput:

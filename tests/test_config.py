@@ -23,6 +23,7 @@ from tests.conftest import small_config
     (dict(attention_type="gqa", num_kv_heads=3), "num_heads (2) must be divisible by num_kv_heads"),
     (dict(capacity_factor=0.0), "capacity_factor must be positive"),
     (dict(dtype="int8"), "dtype must be"),
+    (dict(remat_policy="some"), "remat_policy must be one of"),
 ])
 def test_validation_names_the_field(changes, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -115,3 +115,17 @@ def test_v3_shapes_without_memory():
   assert model.moe_layers.ffn.w_gate.shape == (58, 256, 7168, 2048)
   assert model.dense_layers.attn.q_b.w.shape == (3, 1536, 128, 192)
   assert model.mtp[0].block.ffn.w_down.shape == (256, 2048, 7168)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+def test_remat_gives_the_same_gradients(policy):
+  cfg = small_config(num_layers=2, mtp_depth=0)
+  tokens = _tokens(2, 8)
+
+  def grads(c):
+    graphdef, params, rest = nnx.split(init_model(c, 0), nnx.Param, ...)
+    loss = lambda p: nnx.merge(graphdef, p, rest)(tokens).logits.sum()
+    return jax.jit(jax.grad(loss))(params)
+
+  for a, b in zip(jax.tree.leaves(grads(cfg)), jax.tree.leaves(grads(cfg.replace(remat_policy=policy)))):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

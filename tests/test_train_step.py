@@ -128,3 +128,13 @@ def test_loss_spike_is_skipped(setup):
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(state.loss_window, window)  # Rejected losses stay out.
+
+
+def test_step_schedules():
+  from train.step import bias_gamma_at, mtp_weight_at
+  cfg = StepConfig(mtp_weight=0.3, mtp_weight_final=0.1, mtp_switch_step=10, bias_gamma=1e-3,
+                   bias_gamma_stop_step=20)
+  assert float(mtp_weight_at(cfg, 9)) == pytest.approx(0.3)
+  assert float(mtp_weight_at(cfg, 10)) == pytest.approx(0.1)
+  assert float(bias_gamma_at(cfg, 19)) == pytest.approx(1e-3) and float(bias_gamma_at(cfg, 20)) == 0
+  assert float(mtp_weight_at(StepConfig(), 10**6)) == pytest.approx(0.3)  # 0: never switch.

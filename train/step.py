@@ -8,7 +8,7 @@ non-finite updates, and DeepSeek-V3's auxiliary-loss-free router-bias update out
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -19,7 +19,6 @@ from flax import nnx
 from model.transformer import Transformer
 from train.loss import mean_or_zero, mtp_targets, token_cross_entropy
 
-Schedule = Union[float, Callable[[jax.Array], jax.Array]]
 
 
 @flax.struct.dataclass
@@ -38,18 +37,29 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """Loss weights and the bias-update speed; each may be a constant or a schedule of the step."""
+  """Loss weights and the bias-update speed, with DeepSeek-V3's step-function schedules."""
 
-  mtp_weight: Schedule = 0.3  # DeepSeek-V3: 0.3, then 0.1 for the last part of training.
+  mtp_weight: float = 0.3  # DeepSeek-V3: 0.3 for the first 10T tokens, then 0.1.
+  mtp_weight_final: float = 0.1  # The MTP weight from `mtp_switch_step` on.
+  mtp_switch_step: int = 0  # 0: never switch.
   balance_weight: float = 1e-4  # Sequence-wise balance loss alpha.
-  bias_gamma: Schedule = 1e-3  # Bias update speed; 0 turns the update off.
+  bias_gamma: float = 1e-3  # Bias update speed; 0 turns the update off.
+  bias_gamma_stop_step: int = 0  # From this step on gamma is 0 (V3: the last 500B tokens); 0: never.
   microbatches: int = 1  # Gradient accumulation: the batch is split along its first axis.
   spike_zscore: float = 0.0  # Skip a step whose loss is this many stds above the window; 0: off.
   spike_window: int = 32  # Accepted losses the spike statistics are taken over.
 
 
-def _at(schedule: Schedule, step):
-  return schedule(step) if callable(schedule) else jnp.asarray(schedule, jnp.float32)
+def mtp_weight_at(cfg: StepConfig, step):
+  """The MTP loss weight at `step`: mtp_weight, then mtp_weight_final from mtp_switch_step."""
+  late = (cfg.mtp_switch_step > 0) & (step >= cfg.mtp_switch_step)
+  return jnp.where(late, cfg.mtp_weight_final, cfg.mtp_weight).astype(jnp.float32)
+
+
+def bias_gamma_at(cfg: StepConfig, step):
+  """The bias-update speed at `step`: bias_gamma, then 0 from bias_gamma_stop_step."""
+  stopped = (cfg.bias_gamma_stop_step > 0) & (step >= cfg.bias_gamma_stop_step)
+  return jnp.where(stopped, 0.0, cfg.bias_gamma).astype(jnp.float32)
 
 
 class ModelTemplate:
@@ -142,7 +152,7 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
 
   def loss_fn(params, extra, micro, step):
     model = template.merge(params, extra)
-    return lm_loss(model, micro, _at(cfg.mtp_weight, step), cfg.balance_weight)
+    return lm_loss(model, micro, mtp_weight_at(cfg, step), cfg.balance_weight)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -172,7 +182,7 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
     metrics = dict(**means, grad_norm=grad_norm, skipped=state.skipped + (~ok).astype(jnp.int32),
                    loss_spike=spike, bad_streak=bad_streak, tokens=aux["tokens"])
     if aux["load"] is not None:
-      extra = keep(router_bias_update(state.extra, aux["load"], _at(cfg.bias_gamma, state.step)),
+      extra = keep(router_bias_update(state.extra, aux["load"], bias_gamma_at(cfg, state.step)),
                    state.extra)
       metrics.update(expert_load_metrics(aux["load"]), dropped_tokens=aux["dropped"])
     if learning_rate is not None:
