@@ -39,6 +39,10 @@ class Block(nnx.Module):
 
   def __call__(self, x_BTD, positions_BT, mask_B1TS):
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, mask_B1TS)
+    return self.feed_forward(x_BTD)
+
+  def feed_forward(self, x_BTD):
+    """The second residual half, x + ffn(norm(x)): (x, router stats or None)."""
     if isinstance(self.ffn, MoE):
       y_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
       return x_BTD + y_BTD, stats
