@@ -1,0 +1,191 @@
+"""Cached decoding for MLA models: prefill a prompt into a KV cache, then extend it token by token.
+
+Two cache layouts:
+  "latent"    per token and layer only the normalised latent [R] and the rotated shared RoPE key [P]
+              (MLA's compressed cache). Decoding absorbs the key up-projection into the query and
+              the value up-projection into the output, so the cache is never expanded:
+                scores = (q_nope W_k) . latent + q_rope . k_rope,   out = (probs . latent) W_v.
+  "expanded"  per-head keys [N, H] and values [N, V], as multi-head attention caches them: the
+              baseline the latent cache is measured against.
+
+Prefill runs the training-path attention over the prompt (expanded, causal) and writes the cache.
+Prompts are right-padded: row b holds `lengths[b]` real tokens; a decode step writes each row's
+new token at its own length, so padding slots are overwritten before they can be attended to.
+The cache is an explicit pytree passed in and returned; nothing is stored on the module.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.attention import MLAttention, attention_mask, dot_product_attention
+from model.config import ModelConfig
+from model.layers import compute_dtype
+from model.transformer import Block, Transformer
+
+CACHE_KINDS = ("latent", "expanded")
+
+
+class LayerCache(NamedTuple):
+  """One layer stack's cache, stacked over its layers: latent ([L,B,S,R], [L,B,S,P]) or expanded
+  ([L,B,S,N,H] keys, [L,B,S,N,V] values)."""
+
+  first: jax.Array
+  second: jax.Array
+
+
+@flax.struct.dataclass
+class Cache:
+  """The decoding state: per-stack caches (dense layers, MoE layers) and the filled length per row."""
+
+  stacks: tuple[Optional[LayerCache], Optional[LayerCache]]
+  lengths: jax.Array  # [B] int32: positions written so far; the next token goes at this index.
+  kind: str = flax.struct.field(pytree_node=False, default="latent")
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes held by the cached keys/values (the lengths vector excluded)."""
+    return sum(x.size * x.dtype.itemsize for s in self.stacks if s is not None for x in s)
+
+  @property
+  def max_len(self) -> int:
+    return next(s for s in self.stacks if s is not None).first.shape[2]
+
+
+def cache_bytes_per_token(cfg: ModelConfig, kind: str = "latent") -> int:
+  """Cache bytes one token costs across all layers, in the model's compute dtype."""
+  per_layer = ((cfg.kv_lora_rank + cfg.qk_rope_head_dim) if kind == "latent" else
+               cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim))
+  return per_layer * cfg.num_layers * compute_dtype(cfg).itemsize
+
+
+def _check_mla(cfg: ModelConfig, kind: str):
+  if cfg.attention_type != "mla":
+    raise ValueError(f"cached decoding needs attention_type='mla', the model has "
+                     f"{cfg.attention_type!r}")
+  if kind not in CACHE_KINDS:
+    raise ValueError(f"cache kind must be one of {CACHE_KINDS}, got {kind!r}")
+
+
+def _expand(attn: MLAttention, latent_BSR, k_rope_BSP):
+  """Per-head keys [B,S,N,H] (no-RoPE part from the latent + the shared rotated key) and values."""
+  k_nope, v_BSNV = jnp.split(attn.kv_b(latent_BSR), [attn.cfg.qk_nope_head_dim], axis=-1)
+  k_rope = jnp.broadcast_to(k_rope_BSP[:, :, None, :], k_nope.shape[:3] + k_rope_BSP.shape[-1:])
+  return jnp.concatenate([k_nope, k_rope], axis=-1), v_BSNV
+
+
+def absorbed_attention(attn: MLAttention, x_BTD, positions_BT, latent_BSR, k_rope_BSP, mask_B1TS):
+  """MLA over a latent cache without expanding it: W_k folded into the query, W_v into the output."""
+  cfg = attn.cfg
+  dt = compute_dtype(cfg)
+  q_nope, q_rope = attn.query(x_BTD, positions_BT)
+  w_k_RNH, w_v_RNV = jnp.split(attn.kv_b.w[...].astype(dt), [cfg.qk_nope_head_dim], axis=-1)
+  q_latent_BTNR = jnp.einsum("BTNH,RNH->BTNR", q_nope, w_k_RNH)
+  logits_BNTS = (jnp.einsum("BTNR,BSR->BNTS", q_latent_BTNR, latent_BSR.astype(dt))
+                 + jnp.einsum("BTNP,BSP->BNTS", q_rope, k_rope_BSP.astype(dt)))
+  logits_BNTS = logits_BNTS.astype(jnp.float32) * cfg.softmax_scale
+  logits_BNTS = jnp.where(mask_B1TS, logits_BNTS, jnp.finfo(jnp.float32).min)
+  probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(dt)
+  context_BTNR = jnp.einsum("BNTS,BSR->BTNR", probs_BNTS, latent_BSR.astype(dt))
+  return attn.o(jnp.einsum("BTNR,RNV->BTNV", context_BTNR, w_v_RNV))
+
+
+def _entries(attn: MLAttention, kind: str, x_BTD, positions_BT):
+  """What `kind` caches for the tokens x: (latent, rotated key) or (keys, values)."""
+  latent_BTR, k_rope_BTP = attn.latent(x_BTD, positions_BT)
+  return (latent_BTR, k_rope_BTP) if kind == "latent" else _expand(attn, latent_BTR, k_rope_BTP)
+
+
+def _prefill_stack(blocks: Optional[Block], kind, x_BTD, positions_BT, mask_B1TS, max_len):
+  """Runs the prompt through one stack; returns (x, the stack's cache padded to max_len)."""
+  if blocks is None:
+    return x_BTD, None
+  graphdef, state = nnx.split(blocks)
+
+  def body(h_BTD, layer_state):
+    block = nnx.merge(graphdef, layer_state)
+    entries = _entries(block.attn, kind, block.attn_norm(h_BTD), positions_BT)
+    h_BTD, _ = block(h_BTD, positions_BT, mask_B1TS)
+    return h_BTD, entries
+
+  x_BTD, (first, second) = jax.lax.scan(body, x_BTD, state)
+  pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, max_len - a.shape[2])] + [(0, 0)] * (a.ndim - 3))
+  return x_BTD, LayerCache(pad(first), pad(second))
+
+
+def prefill(model: Transformer, tokens_BT, lengths_B, max_len: int, kind: str = "latent"):
+  """Runs right-padded prompts (row b: `lengths[b]` tokens) and caches them for `max_len` positions.
+
+  Returns (float32 logits [B, Y] at each row's last prompt token, Cache).
+  """
+  cfg = model.cfg
+  _check_mla(cfg, kind)
+  b, t = tokens_BT.shape
+  if t > max_len:
+    raise ValueError(f"prompt length {t} exceeds the cache length {max_len}")
+  positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  lengths_B = jnp.asarray(lengths_B, jnp.int32)
+  segment_ids_BT = (positions_BT < lengths_B[:, None]).astype(jnp.int32)  # Padding: segment 0.
+  mask = attention_mask(segment_ids_BT)
+  x_BTD = model.embed(tokens_BT)
+  x_BTD, dense = _prefill_stack(model.dense_layers, kind, x_BTD, positions_BT, mask, max_len)
+  x_BTD, moe = _prefill_stack(model.moe_layers, kind, x_BTD, positions_BT, mask, max_len)
+  last_BD = jnp.take_along_axis(x_BTD, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)
+  logits = model.output_logits(model.final_norm(last_BD))[:, 0]
+  return logits, Cache((dense, moe), lengths_B, kind)
+
+
+def _write(stack_array, layer, rows_B1, slots_BT, values_BT):
+  """Writes values [B, T, ...] at (layer, row b, slot slots[b, t]) of a stacked cache array."""
+  return stack_array.at[layer, rows_B1, slots_BT].set(values_BT.astype(stack_array.dtype))
+
+
+def _decode_stack(blocks: Optional[Block], kind, stack: Optional[LayerCache], x_BTD, positions_BT,
+                  mask_B1TS):
+  """Extends one stack's cache with the new tokens and runs them through its layers."""
+  if blocks is None:
+    return x_BTD, None
+  graphdef, state = nnx.split(blocks)
+  rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
+
+  def body(carry, xs):
+    h_BTD, first, second = carry
+    layer_state, layer = xs
+    block = nnx.merge(graphdef, layer_state)
+    normed = block.attn_norm(h_BTD)
+    new_first, new_second = _entries(block.attn, kind, normed, positions_BT)
+    first = _write(first, layer, rows_B1, positions_BT, new_first)
+    second = _write(second, layer, rows_B1, positions_BT, new_second)
+    if kind == "latent":
+      out = absorbed_attention(block.attn, normed, positions_BT, first[layer], second[layer],
+                               mask_B1TS)
+    else:
+      q_nope, q_rope = block.attn.query(normed, positions_BT)
+      out = block.attn.o(dot_product_attention(
+          jnp.concatenate([q_nope, q_rope], -1), first[layer], second[layer], mask_B1TS,
+          block.attn.cfg.softmax_scale))
+    h_BTD, _ = block.feed_forward(h_BTD + out)
+    return (h_BTD, first, second), None
+
+  layers = jnp.arange(stack.first.shape[0])
+  (x_BTD, first, second), _ = jax.lax.scan(body, (x_BTD, *stack), (state, layers))
+  return x_BTD, LayerCache(first, second)
+
+
+def decode_step(model: Transformer, cache: Cache, tokens_BT):
+  """Appends tokens [B, T] (usually T = 1) at each row's length; returns (logits [B, T, Y], cache)."""
+  b, t = tokens_BT.shape
+  positions_BT = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
+  slots_S = jnp.arange(cache.max_len, dtype=jnp.int32)
+  mask_B1TS = (slots_S[None, None, :] <= positions_BT[:, :, None])[:, None]
+  x_BTD = model.embed(tokens_BT)
+  dense, moe = cache.stacks
+  x_BTD, dense = _decode_stack(model.dense_layers, cache.kind, dense, x_BTD, positions_BT, mask_B1TS)
+  x_BTD, moe = _decode_stack(model.moe_layers, cache.kind, moe, x_BTD, positions_BT, mask_B1TS)
+  logits = model.output_logits(model.final_norm(x_BTD))
+  return logits, Cache((dense, moe), cache.lengths + t, cache.kind)
