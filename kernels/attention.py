@@ -1,0 +1,62 @@
+"""The attention switch: one entry point, `attention`, over the reference, Pallas and cuDNN paths.
+
+  "xla"     `reference_attention`: dense float32 softmax with the mask built from segment ids.
+  "pallas"  the flash kernel (`kernels.flash_attention`); interpreted off TPU/GPU (for tests).
+  "cudnn"   `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only, float16/bfloat16:
+            the value head is zero-padded up to the qk head size (cuDNN wants one head size).
+  "auto"    "pallas" on TPU/GPU, "xla" elsewhere.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels.flash_attention import flash_attention, reference_attention
+
+IMPLS = ("auto", "xla", "pallas", "cudnn")
+
+
+def resolve_impl(impl: str) -> str:
+  """The concrete path `impl` names on this backend."""
+  if impl not in IMPLS:
+    raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+  return impl
+
+
+def nn_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale: float, causal: bool = True,
+                 implementation: str = "cudnn"):
+  """`jax.nn.dot_product_attention` with a segment mask; v zero-padded to the qk head size."""
+  b, t, _, h = q_BTNH.shape
+  s, v = k_BSNH.shape[1], v_BSNV.shape[-1]
+  if v > h:
+    raise ValueError(f"nn_attention: value head {v} larger than the qk head {h}")
+  v_pad = jnp.pad(v_BSNV, ((0, 0), (0, 0), (0, 0), (0, h - v)))
+  mask = None
+  if segment_ids_BT is not None:
+    mask = (segment_ids_BT[:, None, :t, None] == segment_ids_BT[:, None, None, :s])
+  out = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_pad, mask=mask, scale=scale,
+                                     is_causal=causal, implementation=implementation)
+  return out[..., :v]
+
+
+def attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale: float, causal: bool = True,
+              impl: str = "auto"):
+  """softmax(q k^T * scale) v over [B, T, N, H] x [B, S, N, H] x [B, S, N, V] -> [B, T, N, V].
+
+  Keys are visible within the query's segment (segment ids [B, max(T, S)]; None: one segment per
+  row) and, when causal, at positions <= the query's. A query with no visible key gets zeros
+  (on "xla" and "pallas"; cuDNN's own convention otherwise).
+  """
+  impl = resolve_impl(impl)
+  if impl == "xla":
+    return reference_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale, causal)
+  if impl == "cudnn":
+    if jax.default_backend() != "gpu":
+      raise ValueError(f"attention impl 'cudnn' needs a GPU, backend is {jax.default_backend()!r}")
+    return nn_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale, causal)
+  interpret = jax.default_backend() not in ("tpu", "gpu")
+  return flash_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale, causal,
+                         interpret=interpret)

@@ -1,0 +1,82 @@
+"""Flash attention (Pallas, interpret mode on CPU) against the pure-JAX reference, forward and
+gradients: odd sizes (T not a multiple of the block, qk head 12 != value head 6), several segments
+per row, causal on and off, queries that see no key.
+
+Tolerances (float32): outputs atol 2e-5, gradients atol 1e-4 (both rtol 1e-5).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.attention import attention, nn_attention
+from kernels.flash_attention import flash_attention, reference_attention
+
+
+def _inputs(b, t, s, n, h, v, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  return (jax.random.normal(ks[0], (b, t, n, h)), jax.random.normal(ks[1], (b, s, n, h)),
+          jax.random.normal(ks[2], (b, s, n, v)), jax.random.normal(ks[3], (b, t, n, v)))
+
+
+def _out_and_grads(fn, q, k, v, cotangent):
+  """One jitted function: output and (dq, dk, dv) for the given output cotangent."""
+  @jax.jit
+  def run(q, k, v, cotangent):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(cotangent)
+  return run(q, k, v, cotangent)
+
+
+def _assert_parity(got, want):
+  (out, grads), (ref_out, ref_grads) = got, want
+  np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=1e-5)
+  for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_matches_reference_with_segments(causal):
+  b, t, n, h, v = 2, 37, 2, 12, 6  # 37 = 2 blocks of 16 and a ragged one.
+  q, k, vv, cot = _inputs(b, t, t, n, h, v)
+  seg = jnp.array([[1] * 10 + [2] * 20 + [3] * 7, [4] * 25 + [5] * 12])
+  scale = 0.37
+  kernel = lambda q, k, v: flash_attention(q, k, v, seg, scale, causal, 16, 16, interpret=True)
+  reference = lambda q, k, v: reference_attention(q, k, v, seg, scale, causal)
+  _assert_parity(_out_and_grads(kernel, q, k, vv, cot), _out_and_grads(reference, q, k, vv, cot))
+
+
+def test_queries_without_visible_keys_get_zeros():
+  # 20 queries over 12 keys: queries 12.. are in a segment no key has, so every key is masked.
+  b, t, s, n, h, v = 1, 20, 12, 1, 12, 6
+  q, k, vv, cot = _inputs(b, t, s, n, h, v, seed=1)
+  seg = jnp.where(jnp.arange(t) < 12, 1, 9)[None]
+  kernel = lambda q, k, v: flash_attention(q, k, v, seg, 0.5, True, 16, 16, interpret=True)
+  reference = lambda q, k, v: reference_attention(q, k, v, seg, 0.5, True)
+  got = _out_and_grads(kernel, q, k, vv, cot)
+  assert np.all(np.isfinite(got[0])) and np.all(np.asarray(got[0])[:, 12:] == 0)
+  _assert_parity(got, _out_and_grads(reference, q, k, vv, cot))
+
+
+def test_switch_paths_agree():
+  q, k, v, _ = _inputs(1, 9, 9, 2, 12, 6, seed=2)
+  seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2]])
+  want = reference_attention(q, k, v, seg, 0.3, True)
+  np.testing.assert_allclose(attention(q, k, v, seg, 0.3, impl="auto"), want, atol=1e-6)
+  np.testing.assert_allclose(attention(q, k, v, seg, 0.3, impl="pallas"), want, atol=2e-5)
+  # The cuDNN wrapper's padding and mask, run through jax.nn's XLA implementation.
+  np.testing.assert_allclose(nn_attention(q, k, v, seg, 0.3, implementation="xla"), want,
+                             atol=2e-5)
+
+
+def test_bad_arguments():
+  q, k, v, _ = _inputs(1, 4, 4, 1, 8, 4)
+  with pytest.raises(ValueError, match="impl must be one of"):
+    attention(q, k, v, None, 1.0, impl="triton")
+  with pytest.raises(ValueError, match="needs a GPU"):
+    attention(q, k, v, None, 1.0, impl="cudnn")
+  with pytest.raises(ValueError, match="block_q must be a power of two"):
+    flash_attention(q, k, v, None, 1.0, block_q=24, interpret=True)
+  with pytest.raises(ValueError, match="does not match"):
+    flash_attention(q, k[..., :4], v, None, 1.0, interpret=True)
