@@ -1,11 +1,15 @@
 """Grouped matmul for MoE: lhs [M, K] sorted by group, rhs [G, K, N], group sizes [G] -> [M, N].
 
 Implementations, chosen by `impl`:
+  "pallas"  the Pallas kernel (`kernels.grouped_matmul_pallas`), custom VJP with the transposed
+            grouped matmul for the weight gradient; interpreted off TPU/GPU (for tests).
+  "xla"     XLA's best exact path on this backend: "ragged" on TPU/GPU, "blocked" elsewhere.
   "ragged"  `jax.lax.ragged_dot`: XLA's grouped matmul on TPU/GPU. On CPU (jax 0.10.2) XLA lowers it
             to a masked dense dot over every group, G times the FLOPs.
   "blocked" rows padded per group to whole blocks, each block multiplied by its group's weights:
             FLOPs of about (M + G * block) x K x N; the fast exact path on CPU.
-  "auto"    "ragged" on TPU/GPU, "blocked" elsewhere.
+  "auto"    "pallas" on GPU, "ragged" on TPU (the kernel's whole-operand refs do not fit TPU VMEM;
+            a scalar-prefetch TPU grid is not written), "blocked" elsewhere.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "ragged", "blocked")
+from kernels.grouped_matmul_pallas import pallas_grouped_matmul
+
+IMPLS = ("auto", "xla", "pallas", "ragged", "blocked")
 
 
 def blocked_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, block: int = 128):
@@ -37,8 +43,14 @@ def grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, impl: str = "auto"):
   """[M, K] rows (sorted by group, sizes summing to M) times their group's [K, N] weights."""
   if impl not in IMPLS:
     raise ValueError(f"grouped_matmul impl must be one of {IMPLS}, got {impl!r}")
+  backend = jax.default_backend()
+  accelerator = backend in ("tpu", "gpu")
   if impl == "auto":
-    impl = "ragged" if jax.default_backend() in ("tpu", "gpu") else "blocked"
+    impl = {"gpu": "pallas", "tpu": "ragged"}.get(backend, "blocked")
+  if impl == "xla":
+    impl = "ragged" if accelerator else "blocked"
+  if impl == "pallas":
+    return pallas_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, interpret=not accelerator)
   if impl == "ragged":
     return jax.lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G)
   return blocked_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G)
