@@ -124,3 +124,50 @@ def stream(model: Transformer, prompt: Sequence[int], key, sampling: SamplingCon
       return
     step_logits, cache = jitted_decode_step(model, cache, tok[:, None])
     logits = step_logits[:, 0]
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("checkpoint", None, "A pre-training workdir or a HF checkpoint directory.")
+  flags.DEFINE_string("prompt", None, "Text to continue.")
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
+  flags.DEFINE_float("temperature", 0.0, "0: greedy.")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens; 0: all.")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1: all.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_enum("cache", "latent", ["latent", "expanded"], "KV cache layout.")
+  flags.mark_flags_as_required(["checkpoint", "prompt"])
+
+
+def main(argv):
+  """Loads a checkpoint and its tokenizer, then streams the continuation of --prompt to stdout."""
+  del argv
+  from absl import flags, logging
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO.
+  # The entry point reads workdir checkpoints and tokenizers, which live in train/; the library
+  # above this function needs nothing outside model/.
+  from train.checkpoint import load_model
+  from train.tokenizer import load_tokenizer
+  f = flags.FLAGS
+  model, tokenizer = load_model(f.checkpoint), load_tokenizer(f.checkpoint)
+  prompt = [tokenizer.bos_id] + tokenizer.encode(f.prompt)
+  sampling = SamplingConfig(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+                            max_new_tokens=f.max_new_tokens, stop_tokens=(tokenizer.eos_id,),
+                            pad_token=tokenizer.pad_id)
+  sys.stdout.write(f.prompt)
+  generated, shown = [], ""
+  for token in stream(model, prompt, jax.random.key(f.seed), sampling, cache_kind=f.cache):
+    if token == tokenizer.eos_id:
+      break
+    generated.append(token)
+    text = tokenizer.decode(generated)
+    sys.stdout.write(text[len(shown):])
+    sys.stdout.flush()
+    shown = text
+  sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

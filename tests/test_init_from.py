@@ -1,5 +1,7 @@
 """config.init_from: weights from a HF directory or a workdir checkpoint, with a fresh optimizer."""
 
+import dataclasses
+
 import jax
 import ml_collections
 import numpy as np
@@ -9,7 +11,7 @@ from flax import nnx
 from model.transformer import init_model
 from tests.conftest import small_config
 from train import optimizer as opt
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, check_run_config
 from train.loop import _initial_model
 from train.step import create_train_state
 
@@ -29,6 +31,7 @@ def test_init_from_takes_the_weights(kind, tmp_path):
   else:
     tx = opt.make_optimizer(opt.OptimizerConfig(total_steps=2, warmup_steps=0))
     _, state = create_train_state(source, tx)
+    check_run_config(str(tmp_path), dict(model=dataclasses.asdict(cfg)))
     ckpt = Checkpointer(str(tmp_path), every=1, keep=1)
     ckpt.save(5, state, {"unused": 0})
     ckpt.wait()

@@ -7,7 +7,11 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
+from model import hf
+from model.config import ModelConfig, YarnConfig
+from model.transformer import Transformer, init_model
 from train.step import TrainState
 
 
@@ -59,3 +63,49 @@ def check_run_config(workdir: str, run_config: dict) -> None:
       raise ValueError(f"{path}: the checkpoint was trained with {key}={saved.get(key)!r}, this run "
                        f"asks for {key}={run_config.get(key)!r}; use a new --workdir or the same "
                        "config")
+
+
+def workdir_model_config(workdir: str) -> ModelConfig:
+  """The model config a workdir was trained with (DIR/run_config.json)."""
+  path = os.path.join(workdir, "run_config.json")
+  with open(path) as f:
+    fields = dict(json.load(f)["model"])
+  if fields.get("yarn"):
+    fields["yarn"] = YarnConfig(**fields["yarn"])
+  try:
+    return ModelConfig(**fields)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: field 'model' is not a valid ModelConfig: {e}") from e
+
+
+def load_model(path: str, dtype: str | None = None) -> Transformer:
+  """A model with the weights of a HF directory (config.json) or of a workdir's latest checkpoint.
+
+  From a workdir only the parameters and router biases are read (not the optimizer state).
+  """
+  if os.path.exists(os.path.join(path, "config.json")):
+    return hf.load_pretrained(path) if dtype is None else hf.load_pretrained(path, dtype=dtype)
+  if not os.path.exists(os.path.join(path, "run_config.json")):
+    raise FileNotFoundError(f"{path!r} has neither config.json (HF) nor run_config.json (workdir)")
+  cfg = workdir_model_config(path)
+  if dtype is not None:
+    cfg = cfg.replace(dtype=dtype)
+  graphdef, params, extra = nnx.split(nnx.eval_shape(lambda: init_model(cfg)), nnx.Param, ...)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        dict(params=nnx.to_pure_dict(params), extra=nnx.to_pure_dict(extra)))
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(path, "checkpoints")))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{path!r}: no checkpoints under {path}/checkpoints")
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))["state"]
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(f"{path!r}: its step-{step} checkpoint does not fit its run_config.json model "
+                     f"({type(e).__name__}: {str(e)[:300]})") from e
+  finally:
+    manager.close()
+  nnx.replace_by_pure_dict(params, restored["params"])
+  nnx.replace_by_pure_dict(extra, restored["extra"])
+  return nnx.merge(graphdef, params, extra)

@@ -11,11 +11,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from model import hf
 from model.config import ModelConfig, YarnConfig, get_preset
 from model.transformer import init_model
 from train import optimizer as opt
-from train.checkpoint import Checkpointer, check_run_config
+from train.checkpoint import Checkpointer, check_run_config, load_model
 from train.data import DataConfig, make_dataset, open_source
 from train.metrics import MetricsWriter, peak_flops
 from train.step import StepConfig, create_train_state, lm_loss, make_train_step
@@ -52,30 +51,14 @@ def build_tokenizer(c: ml_collections.ConfigDict, data_cfg: DataConfig, vocab_si
 
 
 def _initial_model(c, cfg: ModelConfig):
+  """A fresh model, or the weights of `init_from` (a HF directory or a workdir) for `cfg`."""
   if not c.init_from:
     return init_model(cfg, seed=c.seed)
-  if os.path.exists(os.path.join(c.init_from, "config.json")):
-    model = hf.load_pretrained(c.init_from)
-    if model.cfg.replace(dtype=cfg.dtype) != cfg:
-      raise ValueError(f"config.init_from {c.init_from!r}: its config.json does not match the run's "
-                       "model config; set config.model_overrides to the checkpoint's shapes")
-    return model
-  model = init_model(cfg, seed=c.seed)
-  tx = opt.make_optimizer(opt.OptimizerConfig(total_steps=2, warmup_steps=0))
-  template, state = create_train_state(model, tx)
-  ckpt = Checkpointer(c.init_from, every=1, keep=1)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"config.init_from {c.init_from!r} has no config.json (HF) and no "
-                            "checkpoints/ (workdir)")
-  try:
-    restored, _ = ckpt.restore(step, state)
-  except (ValueError, TypeError, KeyError) as e:
-    raise ValueError(f"config.init_from {c.init_from!r}: its step-{step} checkpoint does not fit the "
-                     f"run's model config ({type(e).__name__}: {str(e)[:300]})") from e
-  finally:
-    ckpt.close()
-  return template.merge(restored.params, restored.extra)
+  model = load_model(c.init_from)
+  if model.cfg.replace(dtype=cfg.dtype) != cfg:
+    raise ValueError(f"config.init_from {c.init_from!r}: its model config does not match the "
+                     "run's; set config.model_overrides to the checkpoint's shapes")
+  return model
 
 
 def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:

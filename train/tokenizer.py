@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from typing import Iterable, Protocol
 
@@ -74,3 +75,31 @@ class HFTokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in ids])
+
+
+def _special_token(value) -> str | None:
+  """A tokenizer_config.json special-token entry: a string or {"content": ...}."""
+  return value.get("content") if isinstance(value, dict) else value
+
+
+def load_tokenizer(path: str):
+  """The tokenizer that goes with a model directory: a workdir's (as its run_config.json says) or a
+  HF directory's tokenizer.json (special tokens from tokenizer_config.json)."""
+  run_config = os.path.join(path, "run_config.json")
+  if os.path.exists(run_config):
+    with open(run_config) as f:
+      t = json.load(f)["tokenizer"]
+    if t["kind"] == "train_sentencepiece":
+      return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"))
+    if t["kind"] == "sentencepiece":
+      return SentencePieceTokenizer(t["path"])
+    return HFTokenizer(t["path"], bos_token=t["bos_token"] or None, eos_token=t["eos_token"] or None)
+  tokenizer_json = os.path.join(path, "tokenizer.json")
+  if not os.path.exists(tokenizer_json):
+    raise FileNotFoundError(f"{path!r} has neither run_config.json (workdir) nor tokenizer.json (HF)")
+  special = {}
+  if os.path.exists(os.path.join(path, "tokenizer_config.json")):
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+      special = json.load(f)
+  return HFTokenizer(tokenizer_json, bos_token=_special_token(special.get("bos_token")),
+                     eos_token=_special_token(special.get("eos_token")))
