@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels.attention import attention
 from model.config import ModelConfig
 from model.layers import Einsum, RMSNorm, compute_dtype
 from model.rope import apply_rope
@@ -60,7 +61,8 @@ class MLAttention(nnx.Module):
     k_rope_BTP = apply_rope(k_rope_BTP[:, :, None, :], positions_BT, cfg)[:, :, 0, :]
     return self.kv_norm(latent_BTR), k_rope_BTP
 
-  def __call__(self, x_BTD, positions_BT, mask_B1TS):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    """Causal self-attention within segments, through the `cfg.attention_impl` kernel switch."""
     cfg = self.cfg
     q_nope, q_rope = self.query(x_BTD, positions_BT)
     latent_BSR, k_rope_BSP = self.latent(x_BTD, positions_BT)
@@ -68,7 +70,8 @@ class MLAttention(nnx.Module):
     k_rope = jnp.broadcast_to(k_rope_BSP[:, :, None, :], k_nope.shape[:3] + k_rope_BSP.shape[-1:])
     q_BTNH = jnp.concatenate([q_nope, q_rope], axis=-1)
     k_BSNH = jnp.concatenate([k_nope, k_rope], axis=-1)
-    out_BTNV = dot_product_attention(q_BTNH, k_BSNH, v_BSNV, mask_B1TS, cfg.softmax_scale)
+    out_BTNV = attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, cfg.softmax_scale,
+                         impl=cfg.attention_impl)
     return self.o(out_BTNV)
 
 
@@ -83,13 +86,13 @@ class GQAttention(nnx.Module):
     self.v = Einsum("BTD,DNH->BTNH", (d, cfg.num_kv_heads, h), cfg, rngs=rngs)
     self.o = Einsum("BTNV,NVD->BTD", (cfg.num_heads, h, d), cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, positions_BT, mask_B1TS):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
     cfg = self.cfg
     groups = cfg.num_heads // cfg.num_kv_heads
     q = apply_rope(self.q(x_BTD), positions_BT, cfg)
     k = jnp.repeat(apply_rope(self.k(x_BTD), positions_BT, cfg), groups, axis=2)
     v = jnp.repeat(self.v(x_BTD), groups, axis=2)
-    return self.o(dot_product_attention(q, k, v, mask_B1TS, cfg.softmax_scale))
+    return self.o(attention(q, k, v, segment_ids_BT, cfg.softmax_scale, impl=cfg.attention_impl))
 
 
 def make_attention(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -6,6 +6,9 @@ import dataclasses
 import math
 from typing import Optional
 
+from kernels.attention import IMPLS as ATTENTION_IMPLS
+from kernels.grouped_matmul import IMPLS as MOE_IMPLS
+
 ATTENTION_TYPES = ("mla", "gqa")
 SCORE_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
@@ -76,6 +79,9 @@ class ModelConfig:
   init_std: float = 0.02
   dtype: str = "float32"  # Compute dtype; parameters are always float32.
   remat_policy: str = "none"  # Per-block rematerialisation: none, full, or dots_saveable.
+  # Kernels: "auto" takes the Pallas kernel on accelerators and the XLA reference elsewhere.
+  attention_impl: str = "auto"  # kernels.attention: auto, xla, pallas (flash), cudnn (GPU).
+  moe_impl: str = "auto"  # kernels.grouped_matmul (dropless MoE): auto, xla, pallas, ragged, blocked.
 
   def __post_init__(self):
     def positive(*names):
@@ -113,6 +119,11 @@ class ModelConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, "
                        f"got {self.remat_policy!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
+                       f"got {self.attention_impl!r}")
+    if self.moe_impl not in MOE_IMPLS:
+      raise ValueError(f"ModelConfig.moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
     if self.num_experts:
       self._validate_routing()
 

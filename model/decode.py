@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.attention import MLAttention, attention_mask, dot_product_attention
+from model.attention import MLAttention, dot_product_attention
 from model.config import ModelConfig
 from model.layers import compute_dtype
 from model.transformer import Block, Transformer
@@ -101,7 +101,7 @@ def _entries(attn: MLAttention, kind: str, x_BTD, positions_BT):
   return (latent_BTR, k_rope_BTP) if kind == "latent" else _expand(attn, latent_BTR, k_rope_BTP)
 
 
-def _prefill_stack(blocks: Optional[Block], kind, x_BTD, positions_BT, mask_B1TS, max_len):
+def _prefill_stack(blocks: Optional[Block], kind, x_BTD, positions_BT, segment_ids_BT, max_len):
   """Runs the prompt through one stack; returns (x, the stack's cache padded to max_len)."""
   if blocks is None:
     return x_BTD, None
@@ -110,7 +110,7 @@ def _prefill_stack(blocks: Optional[Block], kind, x_BTD, positions_BT, mask_B1TS
   def body(h_BTD, layer_state):
     block = nnx.merge(graphdef, layer_state)
     entries = _entries(block.attn, kind, block.attn_norm(h_BTD), positions_BT)
-    h_BTD, _ = block(h_BTD, positions_BT, mask_B1TS)
+    h_BTD, _ = block(h_BTD, positions_BT, segment_ids_BT)
     return h_BTD, entries
 
   x_BTD, (first, second) = jax.lax.scan(body, x_BTD, state)
@@ -131,10 +131,10 @@ def prefill(model: Transformer, tokens_BT, lengths_B, max_len: int, kind: str = 
   positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   lengths_B = jnp.asarray(lengths_B, jnp.int32)
   segment_ids_BT = (positions_BT < lengths_B[:, None]).astype(jnp.int32)  # Padding: segment 0.
-  mask = attention_mask(segment_ids_BT)
   x_BTD = model.embed(tokens_BT)
-  x_BTD, dense = _prefill_stack(model.dense_layers, kind, x_BTD, positions_BT, mask, max_len)
-  x_BTD, moe = _prefill_stack(model.moe_layers, kind, x_BTD, positions_BT, mask, max_len)
+  x_BTD, dense = _prefill_stack(model.dense_layers, kind, x_BTD, positions_BT, segment_ids_BT,
+                                max_len)
+  x_BTD, moe = _prefill_stack(model.moe_layers, kind, x_BTD, positions_BT, segment_ids_BT, max_len)
   last_BD = jnp.take_along_axis(x_BTD, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)
   logits = model.output_logits(model.final_norm(last_BD))[:, 0]
   return logits, Cache((dense, moe), lengths_B, kind)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.attention import attention_mask, make_attention
+from model.attention import make_attention
 from model.config import ModelConfig
 from model.layers import MLP, Einsum, Embed, RMSNorm, compute_dtype
 from model.moe import MoE, RouterStats
@@ -37,8 +37,8 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dt)
     self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.dense_ffn_dim, rngs=rngs)
 
-  def __call__(self, x_BTD, positions_BT, mask_B1TS):
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, mask_B1TS)
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
     return self.feed_forward(x_BTD)
 
   def feed_forward(self, x_BTD):
@@ -71,7 +71,7 @@ _REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
           "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def run_stacked(blocks: Optional[Block], x_BTD, positions_BT, mask_B1TS, remat_policy="none"):
+def run_stacked(blocks: Optional[Block], x_BTD, positions_BT, segment_ids_BT, remat_policy="none"):
   """Scans `x` through stacked blocks; returns (x, per-layer stats stacked, or None).
 
   With a remat policy each block's activations are recomputed in the backward pass, except what
@@ -82,7 +82,7 @@ def run_stacked(blocks: Optional[Block], x_BTD, positions_BT, mask_B1TS, remat_p
   graphdef, state = nnx.split(blocks)
 
   def body(h_BTD, layer_state):
-    return nnx.merge(graphdef, layer_state)(h_BTD, positions_BT, mask_B1TS)
+    return nnx.merge(graphdef, layer_state)(h_BTD, positions_BT, segment_ids_BT)
 
   if remat_policy != "none":
     body = jax.checkpoint(body, policy=_REMAT[remat_policy])
@@ -105,9 +105,9 @@ class MTPModule(nnx.Module):
     self.block = Block(cfg, moe=cfg.num_experts > 0, rngs=rngs)
     self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dt)
 
-  def __call__(self, h_BTD, next_embed_BTD, positions_BT, mask_B1TS):
+  def __call__(self, h_BTD, next_embed_BTD, positions_BT, segment_ids_BT):
     x = self.proj(jnp.concatenate([self.embed_norm(next_embed_BTD), self.hidden_norm(h_BTD)], -1))
-    return self.block(x, positions_BT, mask_B1TS)
+    return self.block(x, positions_BT, segment_ids_BT)
 
 
 def _concat_stats(parts):
@@ -135,12 +135,12 @@ class Transformer(nnx.Module):
     logits = self.embed.attend(h_BTD) if self.head is None else self.head(h_BTD)
     return logits.astype(jnp.float32)
 
-  def blocks(self, x_BTD, positions_BT, mask_B1TS):
+  def blocks(self, x_BTD, positions_BT, segment_ids_BT):
     """Runs embeddings [B, T, D] through every block: last hidden states (before the final norm)
     and the MoE layers' router stats."""
     remat = self.cfg.remat_policy
-    x_BTD, _ = run_stacked(self.dense_layers, x_BTD, positions_BT, mask_B1TS, remat)
-    return run_stacked(self.moe_layers, x_BTD, positions_BT, mask_B1TS, remat)
+    x_BTD, _ = run_stacked(self.dense_layers, x_BTD, positions_BT, segment_ids_BT, remat)
+    return run_stacked(self.moe_layers, x_BTD, positions_BT, segment_ids_BT, remat)
 
   def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
                segment_ids_BT: Optional[jax.Array] = None) -> ModelOutput:
@@ -150,13 +150,12 @@ class Transformer(nnx.Module):
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones((b, t), jnp.int32)
-    mask = attention_mask(segment_ids_BT)
-    h, stats = self.blocks(self.embed(tokens_BT), positions_BT, mask)
+    h, stats = self.blocks(self.embed(tokens_BT), positions_BT, segment_ids_BT)
     logits = self.output_logits(self.final_norm(h))
     mtp_logits, all_stats = [], [stats]
     for depth, module in enumerate(self.mtp, start=1):
       next_tokens = jnp.pad(tokens_BT[:, depth:], ((0, 0), (0, depth)))
-      h, mtp_stats = module(h, self.embed(next_tokens), positions_BT, mask)
+      h, mtp_stats = module(h, self.embed(next_tokens), positions_BT, segment_ids_BT)
       mtp_logits.append(self.output_logits(module.norm(h)))
       if mtp_stats is not None:
         all_stats.append(jax.tree.map(lambda x: x[None], mtp_stats))

@@ -44,7 +44,7 @@ def test_absorbed_attention_equals_expanded(changes):
   @nnx.jit
   def both(attn, x):
     latent, k_rope = attn.latent(x, positions)
-    return attn(x, positions, mask), absorbed_attention(attn, x, positions, latent, k_rope, mask)
+    return attn(x, positions, segments), absorbed_attention(attn, x, positions, latent, k_rope, mask)
 
   expanded, absorbed = both(attn, x)
   np.testing.assert_allclose(absorbed, expanded, atol=1e-5, rtol=1e-5)

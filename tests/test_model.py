@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.attention import attention_mask
 from model.transformer import forward, init_model
 from tests.conftest import small_config
 
@@ -27,7 +26,7 @@ def _embedded_forward(model):
   def fn(x_BTD):
     b, t, _ = x_BTD.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    h, _ = model.blocks(x_BTD, positions, attention_mask(jnp.ones((b, t), jnp.int32)))
+    h, _ = model.blocks(x_BTD, positions, jnp.ones((b, t), jnp.int32))
     return model.output_logits(model.final_norm(h))
   return fn
 
