@@ -47,14 +47,16 @@ def sort_by_expert(experts_TK: jax.Array, num_experts: int):
   return order, routing.tokens_per_expert(experts_TK, num_experts)
 
 
-def dropless_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
-  """Every assignment computed: tokens sorted by expert and multiplied with a grouped matmul."""
+def dropless_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
+                 impl: str = "auto"):
+  """Every assignment computed: tokens sorted by expert and multiplied with a grouped matmul
+  (`impl`: the kernels.grouped_matmul implementation)."""
   t, k = experts_TK.shape
   order, sizes_E = sort_by_expert(experts_TK, w_gate_EDF.shape[0])
   x_sorted = x_TD[order // k]
-  h = (jax.nn.silu(grouped_matmul(x_sorted, w_gate_EDF, sizes_E))
-       * grouped_matmul(x_sorted, w_up_EDF, sizes_E))
-  y_sorted = grouped_matmul(h, w_down_EFD, sizes_E)
+  h = (jax.nn.silu(grouped_matmul(x_sorted, w_gate_EDF, sizes_E, impl))
+       * grouped_matmul(x_sorted, w_up_EDF, sizes_E, impl))
+  y_sorted = grouped_matmul(h, w_down_EFD, sizes_E, impl)
   y_TKD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
   y_TD = jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), weights_TK)
   return y_TD.astype(x_TD.dtype), jnp.zeros((), jnp.int32)
@@ -109,7 +111,7 @@ class MoE(nnx.Module):
     weights_TK, experts_TK = routing.select_experts(scores_TE, self.router.bias[...], cfg)
     weights = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
     if cfg.capacity_factor is None:
-      y_TD, dropped = dropless_ffn(x_TD, experts_TK, weights_TK, *weights)
+      y_TD, dropped = dropless_ffn(x_TD, experts_TK, weights_TK, *weights, impl=cfg.moe_impl)
     else:
       y_TD, dropped = capacity_ffn(x_TD, experts_TK, weights_TK, *weights, capacity(b * t, cfg))
     y_BTD = y_TD.reshape(b, t, d)

@@ -12,6 +12,8 @@ import pytest
 
 from kernels.attention import attention, nn_attention
 from kernels.flash_attention import flash_attention, reference_attention
+from model.transformer import forward, init_model
+from tests.conftest import small_config
 
 
 def _inputs(b, t, s, n, h, v, seed=0):
@@ -80,3 +82,14 @@ def test_bad_arguments():
     flash_attention(q, k, v, None, 1.0, block_q=24, interpret=True)
   with pytest.raises(ValueError, match="does not match"):
     flash_attention(q, k[..., :4], v, None, 1.0, interpret=True)
+
+
+def test_model_through_the_kernels_matches_xla():
+  """ModelConfig.attention_impl / moe_impl reach the layers: Pallas (interpreted) == XLA logits."""
+  tokens = jax.random.randint(jax.random.key(3), (1, 12), 0, 61)
+  segments = jnp.array([[1] * 5 + [2] * 7])
+  logits = {}
+  for impl in ("xla", "pallas"):
+    cfg = small_config(num_layers=2, mtp_depth=0, attention_impl=impl, moe_impl=impl)
+    logits[impl] = forward(init_model(cfg, seed=0), tokens, None, segments).logits
+  np.testing.assert_allclose(logits["pallas"], logits["xla"], atol=1e-5, rtol=1e-5)
