@@ -22,10 +22,16 @@ from kernels.grouped_matmul_pallas import pallas_grouped_matmul
 IMPLS = ("auto", "xla", "pallas", "ragged", "blocked")
 
 
-def blocked_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, block: int = 128):
-  """Each group's rows padded to a multiple of `block`; one [block, K] x [K, N] product per block."""
+def blocked_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, block: int | None = None):
+  """Each group's rows padded to a multiple of `block`; one [block, K] x [K, N] product per block.
+
+  The default block is the power of two nearest M / G from above, at most 128: few rows per group
+  (decoding) then pad to a few rows, not to 128.
+  """
   m, k = lhs_MK.shape
   g, _, n = rhs_GKN.shape
+  if block is None:
+    block = min(128, 1 << max(0, -(-m // g) - 1).bit_length())
   sizes = group_sizes_G.astype(jnp.int32)
   padded = (sizes + block - 1) // block * block
   ends, padded_ends = jnp.cumsum(sizes), jnp.cumsum(padded)

@@ -116,13 +116,14 @@ def stream(model: Transformer, prompt: Sequence[int], key, sampling: SamplingCon
   tokens_BT, lengths_B = pad_prompts([prompt])
   max_len = _check_length(model, tokens_BT.shape[1], sampling)
   logits, cache = jitted_prefill(model, tokens_BT, lengths_B, max_len=max_len, kind=cache_kind)
+  step = nnx.cached_partial(jitted_decode_step, model)  # Skips re-walking the module graph per call.
   for i in range(sampling.max_new_tokens):
     tok, _ = sample_logits(logits, jax.random.fold_in(key, i), sampling)
     token = int(tok[0])
     yield token
     if token in sampling.stop_tokens or i + 1 == sampling.max_new_tokens:
       return
-    step_logits, cache = jitted_decode_step(model, cache, tok[:, None])
+    step_logits, cache = step(cache, tok[:, None])
     logits = step_logits[:, 0]
 
 
