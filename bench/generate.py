@@ -47,7 +47,7 @@ def time_ours(model, prompts: np.ndarray, new_tokens: int, kind: str):
     logits, cache = jitted_prefill(model, tokens, lengths, max_len=max_len, kind=kind)
     jax.block_until_ready(logits)
     prefilled = time.perf_counter()
-    out = decode_loop(model, cache, logits, jax.random.key(0), sampling)
+    out, _ = decode_loop(model, cache, logits, jax.random.key(0), sampling)
     jax.block_until_ready(out.tokens)
     prefills.append(prefilled - start)
     decodes.append(time.perf_counter() - prefilled)

@@ -66,9 +66,12 @@ def _finish(tokens_B, logprobs_B, done_B, sampling: SamplingConfig):
   return tokens_B, logprobs_B, active_B, done_B | stopped_B
 
 
-@functools.partial(nnx.jit, static_argnames=("sampling",))
+@functools.partial(nnx.jit, static_argnames=("sampling",), donate_argnames=("cache",))
 def decode_loop(model: Transformer, cache: Cache, logits_BY, key, sampling: SamplingConfig):
-  """Samples max_new_tokens from the prefill logits onwards; the loop is a `jax.lax.while_loop`."""
+  """Samples max_new_tokens from the prefill logits onwards in a `jax.lax.while_loop`.
+
+  Returns (Generation, the cache after the last decoded token); the cache is donated.
+  """
   b, n = logits_BY.shape[0], sampling.max_new_tokens
 
   def sample_and_record(i, logits, tokens, logprobs, lengths, done):
@@ -94,8 +97,8 @@ def decode_loop(model: Transformer, cache: Cache, logits_BY, key, sampling: Samp
     return i + 1, cache, tok, tokens, logprobs, lengths, done
 
   carry = (jnp.ones((), jnp.int32), cache, tok, tokens, logprobs, lengths, done)
-  _, _, _, tokens, logprobs, lengths, _ = jax.lax.while_loop(cond, body, carry)
-  return Generation(tokens, logprobs, lengths)
+  _, cache, _, tokens, logprobs, lengths, _ = jax.lax.while_loop(cond, body, carry)
+  return Generation(tokens, logprobs, lengths), cache
 
 
 jitted_prefill = nnx.jit(prefill, static_argnames=("max_len", "kind"))
@@ -107,7 +110,7 @@ def generate(model: Transformer, tokens_BT, lengths_B, key, sampling: SamplingCo
   """Continuations of right-padded prompts (row b: `lengths[b]` tokens), all rows at once."""
   max_len = _check_length(model, tokens_BT.shape[1], sampling)
   logits, cache = jitted_prefill(model, tokens_BT, lengths_B, max_len=max_len, kind=cache_kind)
-  return decode_loop(model, cache, logits, key, sampling)
+  return decode_loop(model, cache, logits, key, sampling)[0]
 
 
 def stream(model: Transformer, prompt: Sequence[int], key, sampling: SamplingConfig,
