@@ -5,7 +5,7 @@ and the XLA reference's time over this one's (`speedup_vs_xla`, > 1 is faster). 
 shapes are MLA attention (qk head 192, value head 128) and DeepSeek-style expert matmuls; on CPU
 tiny shapes, with the Pallas kernels interpreted (the numbers then say only that the path runs).
 
-  .venv/bin/python bench/kernel_timing.py                       # all kernels, shapes for this backend
+  .venv/bin/python bench/kernel_timing.py          # all kernels, the shapes for this backend
   .venv/bin/python bench/kernel_timing.py --kernels=gmm --iters=20
 
 (Not `bench/kernels.py`: run as a script, that name would shadow the `kernels` package.)

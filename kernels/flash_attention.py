@@ -29,10 +29,13 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # Finite: exp(MASK - MASK
 
 
 def reference_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale: float, causal: bool = True):
-  """softmax(q k^T * scale) v in float32, causal (top-left aligned) and within segments."""
+  """softmax(q k^T * scale) v in float32, causal (top-left aligned) and within segments.
+
+  Segment ids [B, max(T, S)]: queries use the first T, keys the first S (None: one segment).
+  """
   t, s = q_BTNH.shape[1], k_BSNH.shape[1]
   if segment_ids_BT is None:
-    segment_ids_BT = jnp.ones((q_BTNH.shape[0], t), jnp.int32)
+    segment_ids_BT = jnp.ones((q_BTNH.shape[0], max(t, s)), jnp.int32)
   mask_BTS = segment_ids_BT[:, :t, None] == segment_ids_BT[:, None, :s]
   if causal:
     mask_BTS = mask_BTS & jnp.tril(jnp.ones((t, s), bool))[None]
@@ -89,7 +92,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, 
     acc_QV, m_Q1, l_Q1 = carry
     keys = pl.ds(j * block_k, block_k)
     k_KH, v_KV = k_ref[keys, :], v_ref[keys, :]
-    mask = _block_mask(q_seg_Q1, kv_seg_ref[:, keys], q_block * block_q, j * block_k, kv_len, causal)
+    mask = _block_mask(q_seg_Q1, kv_seg_ref[:, keys], q_block * block_q, j * block_k, kv_len,
+                       causal)
     s_QK = jnp.where(mask, _dot(q_QH, k_KH.T) * scale, MASK_VALUE)
     m_new = jnp.maximum(m_Q1, jnp.max(s_QK, axis=1, keepdims=True))
     p_QK = jnp.where(mask, jnp.exp(s_QK - m_new), 0.0)
@@ -144,7 +148,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delt
   def body(j, dq_QH):
     keys = pl.ds(j * block_k, block_k)
     k_KH, v_KV = k_ref[keys, :], v_ref[keys, :]
-    mask = _block_mask(q_seg_Q1, kv_seg_ref[:, keys], q_block * block_q, j * block_k, kv_len, causal)
+    mask = _block_mask(q_seg_Q1, kv_seg_ref[:, keys], q_block * block_q, j * block_k, kv_len,
+                       causal)
     p_QK = jnp.where(mask, jnp.exp(_dot(q_QH, k_KH.T) * scale - lse_Q1), 0.0)
     ds_QK = p_QK * (_dot(do_QV, v_KV.T) - delta_Q1) * scale
     return dq_QH + _dot(ds_QK.astype(k_KH.dtype), k_KH)
@@ -167,7 +172,7 @@ def _specs(block_q, block_k, t_pad, s_pad):
 
 
 class _Padded:
-  """Inputs in kernel layout: [B, N, T_pad, H_pad] etc., with segment ids [B, T_pad, 1], [B, 1, S_pad]."""
+  """Kernel layout: [B, N, T_pad, H_pad] etc.; segment ids [B, T_pad, 1] and [B, 1, S_pad]."""
 
   def __init__(self, q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, block_q, block_k):
     t, s, h, v = q_BTNH.shape[1], k_BSNH.shape[1], q_BTNH.shape[-1], v_BSNV.shape[-1]
