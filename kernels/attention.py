@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.backend import on_accelerator
 from kernels.flash_attention import flash_attention, reference_attention
 
 IMPLS = ("auto", "xla", "pallas", "cudnn")
@@ -22,7 +23,7 @@ def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
-    return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+    return "pallas" if on_accelerator() else "xla"
   return impl
 
 
@@ -57,6 +58,5 @@ def attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale: float, causal: bool
     if jax.default_backend() != "gpu":
       raise ValueError(f"attention impl 'cudnn' needs a GPU, backend is {jax.default_backend()!r}")
     return nn_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale, causal)
-  interpret = jax.default_backend() not in ("tpu", "gpu")
   return flash_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale, causal,
-                         interpret=interpret)
+                         interpret=not on_accelerator())

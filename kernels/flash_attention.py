@@ -20,10 +20,13 @@ are sliced off. One kernel body serves Triton (GPU) and Mosaic (TPU): it keeps t
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from kernels.backend import compiler_params
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # Finite: exp(MASK - MASK) stays defined.
 
@@ -210,6 +213,7 @@ def _forward(p: _Padded, scale, causal, block_q, block_k, interpret):
       out_specs=[sp["tile"](block_q, p.v_pad), sp["tile"](block_q, 1)],
       out_shape=[jax.ShapeDtypeStruct((b, n, p.t_pad, p.v_pad), p.v.dtype),
                  jax.ShapeDtypeStruct((b, n, p.t_pad, 1), jnp.float32)],
+      compiler_params=compiler_params(num_warps=4 if p.h_pad <= 64 else 8),
       interpret=interpret, name="flash_attention_forward",
   )(p.q, p.k, p.v, p.q_seg, p.kv_seg)
   return o, lse
@@ -229,6 +233,7 @@ def _backward(p: _Padded, o, lse, do, scale, causal, block_q, block_k, interpret
       out_specs=[sp["tile"](block_k, p.h_pad), sp["tile"](block_k, p.v_pad)],
       out_shape=[jax.ShapeDtypeStruct(p.k.shape, p.k.dtype),
                  jax.ShapeDtypeStruct(p.v.shape, p.v.dtype)],
+      compiler_params=compiler_params(num_warps=8),
       interpret=interpret, name="flash_attention_dkv",
   )(*args)
   dq = pl.pallas_call(
@@ -239,6 +244,7 @@ def _backward(p: _Padded, o, lse, do, scale, causal, block_q, block_k, interpret
                 sp["tile"](block_q, p.v_pad), sp["tile"](block_q, 1), sp["tile"](block_q, 1)],
       out_specs=sp["tile"](block_q, p.h_pad),
       out_shape=jax.ShapeDtypeStruct(p.q.shape, p.q.dtype),
+      compiler_params=compiler_params(num_warps=8),
       interpret=interpret, name="flash_attention_dq",
   )(*args)
   return dq, dk, dv
@@ -269,17 +275,21 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale: float, causal: bool = True,
-                    block_q: int = 128, block_k: int = 128, interpret: bool = False):
+                    block_q: Optional[int] = None, block_k: Optional[int] = None,
+                    interpret: bool = False):
   """The Pallas kernel: same contract as `reference_attention`, differentiable.
 
   q [B, T, N, H], k [B, S, N, H], v [B, S, N, V], segment ids [B, max(T, S)] (None: one segment).
-  Blocks are clipped to the padded sequence (powers of two, at least 16).
+  Blocks are powers of two >= 16 (None: 128 on TPU, 64 elsewhere), clipped to the sequence.
   """
   b, t, n, h = q_BTNH.shape
   if k_BSNH.shape[:3] != (b, k_BSNH.shape[1], n) or k_BSNH.shape[-1] != h:
     raise ValueError(f"flash_attention: k shape {k_BSNH.shape} does not match q {q_BTNH.shape}")
   if v_BSNV.shape[:3] != k_BSNH.shape[:3]:
     raise ValueError(f"flash_attention: v shape {v_BSNV.shape} does not match k {k_BSNH.shape}")
+  default = 128 if jax.default_backend() == "tpu" else 64  # 64: Triton registers at H = 256.
+  block_q = default if block_q is None else block_q
+  block_k = default if block_k is None else block_k
   for name, block in (("block_q", block_q), ("block_k", block_k)):
     if block < 16 or block & (block - 1):
       raise ValueError(f"flash_attention: {name} must be a power of two >= 16, got {block}")

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels.backend import compiler_params
+
 DEFAULT_TILES = (128, 128, 128)  # (tm, tk, tn).
 
 
@@ -116,6 +118,7 @@ def _gmm(lhs_MK, rhs_GKN, group_sizes_G, tiles, interpret):
                 _whole((mp, kp)), _whole((g, kp, np_))],
       out_specs=pl.BlockSpec((tm, tn), lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((mp, np_), lhs_MK.dtype),
+      compiler_params=compiler_params(num_warps=4, num_stages=3),
       interpret=interpret, name="grouped_matmul",
   )(first, last, starts, ends, lhs, rhs)
   return out[:m, :n]
@@ -132,6 +135,7 @@ def _tgmm(lhs_MK, dout_MN, group_sizes_G, tiles, out_dtype, interpret):
       in_specs=[_whole((g,)), _whole((g,)), _whole((mp, kp)), _whole((mp, np_))],
       out_specs=pl.BlockSpec((None, tk, tn), lambda gi, kk, j: (gi, kk, j)),
       out_shape=jax.ShapeDtypeStruct((g, kp, np_), out_dtype),
+      compiler_params=compiler_params(num_warps=4, num_stages=3),
       interpret=interpret, name="transposed_grouped_matmul",
   )(starts, ends, _pad2(lhs_MK, mp, kp), _pad2(dout_MN, mp, np_))
   return out[:, :k, :n]
