@@ -2,14 +2,15 @@
 
 Implementations, chosen by `impl`:
   "pallas"  the Pallas kernel (`kernels.grouped_matmul_pallas`), custom VJP with the transposed
-            grouped matmul for the weight gradient; interpreted off TPU/GPU (for tests).
+            grouped matmul for the weight gradient, tiles (tm, tk, tn) configurable; a grid that
+            suits the backend (owned output tiles on GPU, revisited ones on TPU); interpreted
+            off TPU/GPU (for tests).
   "xla"     XLA's best exact path on this backend: "ragged" on TPU/GPU, "blocked" elsewhere.
   "ragged"  `jax.lax.ragged_dot`: XLA's grouped matmul on TPU/GPU. On CPU (jax 0.10.2) XLA lowers it
             to a masked dense dot over every group, G times the FLOPs.
   "blocked" rows padded per group to whole blocks, each block multiplied by its group's weights:
             FLOPs of about (M + G * block) x K x N; the fast exact path on CPU.
-  "auto"    "pallas" on GPU, "ragged" on TPU (the kernel's whole-operand refs do not fit TPU VMEM;
-            a scalar-prefetch TPU grid is not written), "blocked" elsewhere.
+  "auto"    "pallas" on TPU/GPU, "blocked" elsewhere.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.grouped_matmul_pallas import pallas_grouped_matmul
+from kernels.backend import on_accelerator
+from kernels.grouped_matmul_pallas import DEFAULT_TILES, pallas_grouped_matmul
 
 IMPLS = ("auto", "xla", "pallas", "ragged", "blocked")
 
@@ -45,18 +47,21 @@ def blocked_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, block: int | None = N
   return out.reshape(num_blocks * block, n)[dest]
 
 
-def grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, impl: str = "auto"):
-  """[M, K] rows (sorted by group, sizes summing to M) times their group's [K, N] weights."""
+def grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, impl: str = "auto", tiles=DEFAULT_TILES):
+  """[M, K] rows (sorted by group, sizes summing to M) times their group's [K, N] weights.
+
+  `tiles` (tm, tk, tn) are the Pallas kernel's; the XLA paths ignore them.
+  """
   if impl not in IMPLS:
     raise ValueError(f"grouped_matmul impl must be one of {IMPLS}, got {impl!r}")
-  backend = jax.default_backend()
-  accelerator = backend in ("tpu", "gpu")
+  accelerator = on_accelerator()
   if impl == "auto":
-    impl = {"gpu": "pallas", "tpu": "ragged"}.get(backend, "blocked")
+    impl = "pallas" if accelerator else "blocked"
   if impl == "xla":
     impl = "ragged" if accelerator else "blocked"
   if impl == "pallas":
-    return pallas_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, interpret=not accelerator)
+    return pallas_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, tiles,
+                                 interpret=not accelerator)
   if impl == "ragged":
     return jax.lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G)
   return blocked_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G)

@@ -43,11 +43,13 @@ def test_blocked_gradients_match_ragged():
     np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sizes,k,n,tiles", [
-    ([5, 0, 17, 3], 13, 9, (16, 16, 16)),  # K and N below one tile; an inner empty group.
-    ([0, 33, 0, 2, 0], 40, 20, (16, 16, 16)),  # K, N span ragged tiles; empty groups at both ends.
+@pytest.mark.parametrize("schedule,sizes,k,n,tiles", [
+    ("owned", [5, 0, 17, 3], 13, 9, (16, 16, 16)),  # K, N below one tile; an inner empty group.
+    ("owned", [0, 33, 0, 2, 0], 40, 20, (16, 16, 16)),  # Ragged K, N tiles; empty at both ends.
+    ("revisit", [5, 0, 17, 3], 13, 9, (16, 16, 16)),
+    ("revisit", [0, 33, 0, 2, 0], 40, 20, (16, 16, 16)),
 ])
-def test_pallas_matches_ragged_dot_with_gradients(sizes, k, n, tiles):
+def test_pallas_matches_ragged_dot_with_gradients(schedule, sizes, k, n, tiles):
   sizes = jnp.asarray(sizes)
   m = int(sizes.sum()) + 3  # Three rows past the last group: zeros out, zero gradient in.
   lhs = jax.random.normal(jax.random.key(4), (m, k))
@@ -58,7 +60,7 @@ def test_pallas_matches_ragged_dot_with_gradients(sizes, k, n, tiles):
     out, vjp = jax.vjp(lambda l, r: fn(l, r, sizes), lhs, rhs)
     return out, vjp(cotangent)
 
-  kernel = lambda l, r, s: pallas_grouped_matmul(l, r, s, tiles, interpret=True)
+  kernel = lambda l, r, s: pallas_grouped_matmul(l, r, s, tiles, schedule, interpret=True)
   (out, grads), (ref_out, ref_grads) = jax.jit(lambda: out_and_grads(kernel))(), out_and_grads(
       jax.lax.ragged_dot)
   np.testing.assert_allclose(out, ref_out, atol=1e-4, rtol=1e-5)
@@ -78,6 +80,8 @@ def test_pallas_through_switch():
 def test_bad_tiles():
   with pytest.raises(ValueError, match="powers of two >= 16"):
     pallas_grouped_matmul(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.asarray([2]), (16, 24, 16))
+  with pytest.raises(ValueError, match="schedule must be one of"):
+    pallas_grouped_matmul(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.asarray([2]), schedule="x")
 
 
 def test_unknown_impl():
