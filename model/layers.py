@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
+from model.sharding import constrain
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
@@ -53,7 +54,8 @@ class MLP(nnx.Module):
     self.down = Einsum("BTF,FD->BTD", (ffn_dim, cfg.d_model), cfg, rngs=rngs)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
+    h_BTF = constrain(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD), "batch", "seq", "mlp")
+    return self.down(h_BTF)
 
 
 class Embed(nnx.Module):

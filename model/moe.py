@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -10,8 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.grouped_matmul import grouped_matmul
-from model import routing
+from model import routing, sharding
 from model.config import ModelConfig
+from model.expert_parallel import sharded_moe_ffn
 from model.layers import MLP, compute_dtype, normal_init
 
 
@@ -110,10 +112,16 @@ class MoE(nnx.Module):
     scores_TE = routing.router_scores(self.router(x_TD), cfg)
     weights_TK, experts_TK = routing.select_experts(scores_TE, self.router.bias[...], cfg)
     weights = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
-    if cfg.capacity_factor is None:
-      y_TD, dropped = dropless_ffn(x_TD, experts_TK, weights_TK, *weights, impl=cfg.moe_impl)
+    local_ffn = (functools.partial(dropless_ffn, impl=cfg.moe_impl)
+                 if cfg.capacity_factor is None else
+                 lambda x, *a: capacity_ffn(x, *a, capacity(x.shape[0], cfg)))
+    mesh = sharding.current_mesh()
+    if mesh is not None and mesh.size > 1:
+      y_TD, dropped = sharded_moe_ffn(x_TD, experts_TK, weights_TK, *weights, mesh,
+                                      local_ffn=local_ffn, capacity_factor=cfg.capacity_factor,
+                                      impl=cfg.moe_impl)
     else:
-      y_TD, dropped = capacity_ffn(x_TD, experts_TK, weights_TK, *weights, capacity(b * t, cfg))
+      y_TD, dropped = local_ffn(x_TD, experts_TK, weights_TK, *weights)
     y_BTD = y_TD.reshape(b, t, d)
     if self.shared is not None:
       y_BTD = y_BTD + self.shared(x_BTD)

@@ -17,6 +17,7 @@ from model.attention import make_attention
 from model.config import ModelConfig
 from model.layers import MLP, Einsum, Embed, RMSNorm, compute_dtype
 from model.moe import MoE, RouterStats
+from model.sharding import constrain
 
 
 class ModelOutput(NamedTuple):
@@ -82,6 +83,7 @@ def run_stacked(blocks: Optional[Block], x_BTD, positions_BT, segment_ids_BT, re
   graphdef, state = nnx.split(blocks)
 
   def body(h_BTD, layer_state):
+    h_BTD = constrain(h_BTD, "batch", "seq", "act_embed")  # The residual stream: batch-sharded.
     return nnx.merge(graphdef, layer_state)(h_BTD, positions_BT, segment_ids_BT)
 
   if remat_policy != "none":
@@ -133,7 +135,7 @@ class Transformer(nnx.Module):
   def output_logits(self, h_BTD: jax.Array) -> jax.Array:
     """The shared output head (after the caller's final norm), in float32."""
     logits = self.embed.attend(h_BTD) if self.head is None else self.head(h_BTD)
-    return logits.astype(jnp.float32)
+    return constrain(logits.astype(jnp.float32), "batch", "seq", "vocab")
 
   def blocks(self, x_BTD, positions_BT, segment_ids_BT):
     """Runs embeddings [B, T, D] through every block: last hidden states (before the final norm)

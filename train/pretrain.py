@@ -8,9 +8,10 @@ Re-running the same command resumes from the latest checkpoint in DIR.
 
 import os
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from train import distributed
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "pretrain.py")
@@ -21,8 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/pretrain", "Checkpoints, metr
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ:
-    jax.distributed.initialize()
+  distributed.initialize()  # A no-op unless the job has several processes.
   from train.loop import pretrain  # After distributed initialisation.
   rows = pretrain(_CONFIG.value, _WORKDIR.value)
   if rows:
