@@ -113,7 +113,7 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
   ici = cfg.ici_shape(len(devices) // slices)
   from jax.experimental import mesh_utils
   if slices > 1:
-    by_process = not hasattr(devices[0], "slice_index")
+    by_process = len({getattr(d, "slice_index", 0) for d in devices}) != slices
     array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
                                                  process_is_granule=by_process,
                                                  allow_split_physical_axes=True)

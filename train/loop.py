@@ -12,11 +12,13 @@ import ml_collections
 import numpy as np
 
 from model.config import ModelConfig, YarnConfig, get_preset
+from model.sharding import MeshConfig, make_mesh
 from model.transformer import init_model
 from train import optimizer as opt
 from train.checkpoint import Checkpointer, check_run_config, load_model
 from train.data import DataConfig, make_dataset, open_source
 from train.metrics import MetricsWriter, peak_flops
+from train.parallel import create_sharded_state, jit_sharded, jit_train_step, put_batch, shard_state
 from train.step import StepConfig, create_train_state, lm_loss, make_train_step
 from train.tokenizer import HFTokenizer, SentencePieceTokenizer, train_sentencepiece
 
@@ -78,7 +80,12 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                      f"config.model_overrides.vocab_size is {cfg.vocab_size}")
 
   tx = opt.make_optimizer(opt_cfg)
-  template, state = create_train_state(_initial_model(c, cfg), tx, step_cfg.spike_window)
+  mesh = make_mesh(MeshConfig(**dict(c.mesh)))
+  if c.init_from:  # Loaded on the host, then laid out on the mesh.
+    template, state = create_train_state(_initial_model(c, cfg), tx, step_cfg.spike_window)
+    state, shardings = shard_state(state, mesh)
+  else:  # Born sharded: no host holds the whole state.
+    template, state, shardings = create_sharded_state(cfg, tx, mesh, c.seed, step_cfg.spike_window)
   data = iter(make_dataset(data_cfg, tokenizer, "train", jax.process_index(), jax.process_count()))
   ckpt = Checkpointer(workdir, c.checkpoint_every, c.keep_checkpoints)
   start = ckpt.latest_step()
@@ -88,11 +95,11 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     print(f"resumed from {workdir}/checkpoints step {start}", flush=True)
 
   lr = opt.learning_rate(opt_cfg)
-  train_step = jax.jit(make_train_step(template, tx, step_cfg, lr), donate_argnums=0)
-
-  @jax.jit
-  def eval_loss(params, extra, batch):
-    return lm_loss(template.merge(params, extra), batch, 0.0, 0.0)[1]["loss"]
+  train_step = jit_train_step(make_train_step(template, tx, step_cfg, lr), shardings, mesh,
+                              data_cfg.batch_size)
+  eval_loss = jit_sharded(
+      lambda params, extra, batch: lm_loss(template.merge(params, extra), batch, 0.0, 0.0)[1]["loss"],
+      mesh, None, None)
 
   tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
   peak, peak_source = peak_flops(c.peak_flops)
@@ -100,7 +107,7 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   writer = MetricsWriter(workdir, c.total_steps, enabled=jax.process_index() == 0)
   rows, step, tick, restores = [], int(state.step), time.perf_counter(), 0
   while step < c.total_steps:
-    state, metrics = train_step(state, next(data))
+    state, metrics = train_step(state, put_batch(next(data), mesh, data_cfg.batch_size))
     step += 1
     if c.max_bad_steps and int(metrics["bad_streak"]) >= c.max_bad_steps:
       good = ckpt.latest_step()
@@ -123,7 +130,7 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       row = dict(metrics, tokens_per_sec=tps, mfu=flops_per_token * tps / peak,
                  peak_flops_source=peak_source)
       if c.eval_every and (step % c.eval_every == 0 or step == c.total_steps):
-        row["eval_loss"] = _evaluate(eval_loss, state, data_cfg, tokenizer, c.eval_batches)
+        row["eval_loss"] = _evaluate(eval_loss, state, data_cfg, tokenizer, c.eval_batches, mesh)
         row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
       writer.write(step, row)
       rows.append(dict(row, step=step))
@@ -138,7 +145,7 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   return rows
 
 
-def _evaluate(eval_loss, state, data_cfg, tokenizer, batches: int) -> float:
+def _evaluate(eval_loss, state, data_cfg, tokenizer, batches: int, mesh) -> float:
   """Mean next-token loss over the first `batches` held-out batches."""
   losses = []
   for i, batch in enumerate(make_dataset(data_cfg, tokenizer, "eval", jax.process_index(),
@@ -147,5 +154,6 @@ def _evaluate(eval_loss, state, data_cfg, tokenizer, batches: int) -> float:
       break
     if batch["inputs"].shape[0] * jax.process_count() != data_cfg.batch_size:
       break  # The last, partial batch would compile another shape.
-    losses.append(float(eval_loss(state.params, state.extra, batch)))
+    losses.append(float(eval_loss(state.params, state.extra,
+                                  put_batch(batch, mesh, data_cfg.batch_size))))
   return float(np.mean(losses)) if losses else float("nan")
