@@ -38,23 +38,27 @@ def _assert_parity(got, want):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("schedule", ["loop", "grid"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_matches_reference_with_segments(causal):
-  b, t, n, h, v = 2, 37, 2, 12, 6  # 37 = 2 blocks of 16 and a ragged one.
+def test_matches_reference_with_segments(causal, schedule):
+  b, t, n, h, v = 2, 37, 2, 12, 6  # 37: ragged in query blocks of 16 and key blocks of 32.
   q, k, vv, cot = _inputs(b, t, t, n, h, v)
   seg = jnp.array([[1] * 10 + [2] * 20 + [3] * 7, [4] * 25 + [5] * 12])
   scale = 0.37
-  kernel = lambda q, k, v: flash_attention(q, k, v, seg, scale, causal, 16, 16, interpret=True)
+  kernel = lambda q, k, v: flash_attention(q, k, v, seg, scale, causal, 16, 32, schedule,
+                                          interpret=True)
   reference = lambda q, k, v: reference_attention(q, k, v, seg, scale, causal)
   _assert_parity(_out_and_grads(kernel, q, k, vv, cot), _out_and_grads(reference, q, k, vv, cot))
 
 
 def test_queries_without_visible_keys_get_zeros():
   # 20 queries over 12 keys: queries 12.. are in a segment no key has, so every key is masked.
+  # The grid schedule (TPU's) here; the loop schedule in the tests above and below.
   b, t, s, n, h, v = 1, 20, 12, 1, 12, 6
   q, k, vv, cot = _inputs(b, t, s, n, h, v, seed=1)
   seg = jnp.where(jnp.arange(t) < 12, 1, 9)[None]
-  kernel = lambda q, k, v: flash_attention(q, k, v, seg, 0.5, True, 16, 16, interpret=True)
+  kernel = lambda q, k, v: flash_attention(q, k, v, seg, 0.5, True, 16, 16, "grid",
+                                          interpret=True)
   reference = lambda q, k, v: reference_attention(q, k, v, seg, 0.5, True)
   got = _out_and_grads(kernel, q, k, vv, cot)
   assert np.all(np.isfinite(got[0])) and np.all(np.asarray(got[0])[:, 12:] == 0)
@@ -80,6 +84,8 @@ def test_bad_arguments():
     attention(q, k, v, None, 1.0, impl="cudnn")
   with pytest.raises(ValueError, match="block_q must be a power of two"):
     flash_attention(q, k, v, None, 1.0, block_q=24, interpret=True)
+  with pytest.raises(ValueError, match="schedule must be one of"):
+    flash_attention(q, k, v, None, 1.0, schedule="tiles", interpret=True)
   with pytest.raises(ValueError, match="does not match"):
     flash_attention(q, k[..., :4], v, None, 1.0, interpret=True)
 
