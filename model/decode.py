@@ -26,6 +26,7 @@ from flax import nnx
 from model.attention import MLAttention, dot_product_attention
 from model.config import ModelConfig
 from model.layers import compute_dtype
+from model.sharding import constrain
 from model.transformer import Block, Transformer
 
 CACHE_KINDS = ("latent", "expanded")
@@ -37,6 +38,11 @@ class LayerCache(NamedTuple):
 
   first: jax.Array
   second: jax.Array
+
+  def constrained(self) -> "LayerCache":
+    """Sharded over the batch axes of the mesh in context (and over heads when expanded)."""
+    axes = lambda a: ("layers", "batch", "seq") + (("heads", None) if a.ndim == 5 else (None,))
+    return LayerCache(*(constrain(a, *axes(a)) for a in self))
 
 
 @flax.struct.dataclass
@@ -115,7 +121,7 @@ def _prefill_stack(blocks: Optional[Block], kind, x_BTD, positions_BT, segment_i
 
   x_BTD, (first, second) = jax.lax.scan(body, x_BTD, state)
   pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, max_len - a.shape[2])] + [(0, 0)] * (a.ndim - 3))
-  return x_BTD, LayerCache(pad(first), pad(second))
+  return x_BTD, LayerCache(pad(first), pad(second)).constrained()
 
 
 def prefill(model: Transformer, tokens_BT, lengths_B, max_len: int, kind: str = "latent"):
@@ -174,7 +180,7 @@ def _decode_stack(blocks: Optional[Block], kind, stack: Optional[LayerCache], x_
 
   layers = jnp.arange(stack.first.shape[0])
   (x_BTD, first, second), _ = jax.lax.scan(body, (x_BTD, *stack), (state, layers))
-  return x_BTD, LayerCache(first, second)
+  return x_BTD, LayerCache(first, second).constrained()
 
 
 def decode_step(model: Transformer, cache: Cache, tokens_BT):
