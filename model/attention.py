@@ -10,6 +10,7 @@ from kernels.attention import attention
 from model.config import ModelConfig
 from model.layers import Einsum, RMSNorm, compute_dtype
 from model.rope import apply_rope
+from model.sharding import per_device_attention
 
 
 def attention_mask(segment_ids_BT: jax.Array) -> jax.Array:
@@ -70,8 +71,8 @@ class MLAttention(nnx.Module):
     k_rope = jnp.broadcast_to(k_rope_BSP[:, :, None, :], k_nope.shape[:3] + k_rope_BSP.shape[-1:])
     q_BTNH = jnp.concatenate([q_nope, q_rope], axis=-1)
     k_BSNH = jnp.concatenate([k_nope, k_rope], axis=-1)
-    out_BTNV = attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, cfg.softmax_scale,
-                         impl=cfg.attention_impl)
+    out_BTNV = per_device_attention(attention, q_BTNH, k_BSNH, v_BSNV, segment_ids_BT,
+                                    cfg.softmax_scale, impl=cfg.attention_impl)
     return self.o(out_BTNV)
 
 
@@ -92,7 +93,8 @@ class GQAttention(nnx.Module):
     q = apply_rope(self.q(x_BTD), positions_BT, cfg)
     k = jnp.repeat(apply_rope(self.k(x_BTD), positions_BT, cfg), groups, axis=2)
     v = jnp.repeat(self.v(x_BTD), groups, axis=2)
-    return self.o(attention(q, k, v, segment_ids_BT, cfg.softmax_scale, impl=cfg.attention_impl))
+    return self.o(per_device_attention(attention, q, k, v, segment_ids_BT, cfg.softmax_scale,
+                                       impl=cfg.attention_impl))
 
 
 def make_attention(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:

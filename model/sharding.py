@@ -229,3 +229,24 @@ def batch_spec(ndim: int, mesh=None, batch_size: Optional[int] = None) -> P:
   """Spec of a [B, ...] input batch array: B over the batch axes, the rest replicated."""
   shape = None if batch_size is None else (batch_size,) + (1,) * (ndim - 1)
   return logical_to_spec(("batch",) + (None,) * (ndim - 1), shape, mesh)
+
+
+def per_device_attention(attention_fn, q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, *args, **kwargs):
+  """`attention_fn(q, k, v, segment_ids, ...)` run on each device's own rows and heads.
+
+  Under a mesh the call sits in a `shard_map` with the batch over the batch axes and the heads over
+  `tensor`: attention needs no communication then, and Pallas kernels (which XLA cannot partition)
+  see only local shapes. Without a mesh it is a plain call.
+  """
+  mesh = current_mesh()
+  if mesh is None or mesh.size == 1:
+    return attention_fn(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, *args, **kwargs)
+  heads = lambda x: logical_to_spec(("batch", None, "heads", None), x.shape, mesh)
+  rows = logical_to_spec(("batch", None), (q_BTNH.shape[0], 1), mesh)
+  out_spec = heads(jax.ShapeDtypeStruct(q_BTNH.shape[:3] + v_BSNV.shape[3:], v_BSNV.dtype))
+  if heads(k_BSNH) != heads(q_BTNH) or heads(v_BSNV) != heads(q_BTNH):
+    return attention_fn(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, *args, **kwargs)
+  body = lambda q, k, v, *seg: attention_fn(q, k, v, seg[0] if seg else None, *args, **kwargs)
+  operands = (q_BTNH, k_BSNH, v_BSNV) + (() if segment_ids_BT is None else (segment_ids_BT,))
+  specs = (heads(q_BTNH),) * 3 + (() if segment_ids_BT is None else (rows,))
+  return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(*operands)

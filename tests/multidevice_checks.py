@@ -131,6 +131,21 @@ def moe_checks(cfg):
   return out
 
 
+def modules_init_checks(cfg):
+  """`init="modules"` (each parameter drawn by its module's initialiser in its own sharding)."""
+  tx = opt.make_optimizer(opt.OptimizerConfig(peak_lr=1e-3, warmup_steps=1, total_steps=10))
+  mesh = sharding.make_mesh(sharding.MeshConfig(**MESHES["fsdp2_expert2_tensor2"]))
+  _, state, _ = create_sharded_state(cfg, tx, mesh, seed=0, init="modules")
+  wrong, stds = [], []
+  for path, leaf in flat(state.params).items():
+    want = sharding.logical_to_spec(sharding.param_axes(path, leaf.ndim), leaf.shape, mesh)
+    if leaf.sharding.spec != want:
+      wrong.append(f"{'/'.join(path)}: {leaf.sharding.spec} != {want}")
+    if path[-1] != "scale":
+      stds.append(float(np.std(np.asarray(leaf))))
+  return dict(wrong_shardings=wrong, min_std=min(stds), max_std=max(stds))
+
+
 def main(path):
   assert jax.device_count() == 8, jax.devices()
   cfg = small_config(vocab_size=64, num_layers=2, mtp_depth=0)
@@ -138,6 +153,7 @@ def main(path):
   results = dict(moe=moe_checks(cfg))
   results["moe_seconds"] = time.perf_counter() - tick
   results["train_step"] = train_step_checks(cfg, batch(cfg))
+  results["modules_init"] = modules_init_checks(cfg)
   results["seconds"] = time.perf_counter() - tick
   with open(path, "w") as f:
     json.dump(results, f, indent=1)

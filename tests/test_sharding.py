@@ -82,3 +82,20 @@ def test_expert_parallel_moe_matches_unsharded(multidevice):
     assert r["y_diff"] < TOL and r["dropped"] == 0, (name, r)
   r = moe["data2_expert4/capacity=0.5"]
   assert r["dropped"] > 0, r  # A capacity below what the routing needs drops and counts.
+
+
+def test_modules_init_is_born_sharded(multidevice):
+  r = multidevice["modules_init"]
+  assert r["wrong_shardings"] == [], r
+  assert 0.015 < r["min_std"] and r["max_std"] < 0.025, r  # normal(0, init_std=0.02) matrices.
+
+
+def test_planner_matches_compiled_memory_analysis_per_device(multidevice):
+  """Sharded state bytes exactly; temp bytes loosely (16 tokens per device: XLA's param-sized
+  temporaries weigh as much as the activations)."""
+  for mesh, r in multidevice["train_step"].items():
+    m = r["memory"]
+    counters = 152  # Step counters, Adam's count and the 32-entry spike window: not planned.
+    assert abs(m["xla_arguments"] - m["plan_arguments"] - counters) <= 1e-3 * m["plan_arguments"], (
+        mesh, m)
+    assert 0.6 < m["xla_temp"] / m["plan_temp"] < 1.7, (mesh, m)
