@@ -33,9 +33,10 @@ ACCELERATOR = jax.default_backend() in ("tpu", "gpu")
 # (B, T, N, H, V): MLA head sizes on accelerators.
 ATTENTION_SHAPES = ([(1, 8192, 16, 192, 128), (2, 4096, 32, 192, 128), (4, 2048, 128, 192, 128)]
                     if ACCELERATOR else [(1, 64, 2, 24, 16)])
-# (M tokens, K, N, G groups): DeepSeek-V3 expert gate/up and down projections; many or few groups.
-GMM_SHAPES = ([(8192, 7168, 2048, 256), (8192, 2048, 7168, 256), (8192, 2048, 2048, 8)]
-              if ACCELERATOR else [(64, 32, 48, 4)])
+# (M rows, K, N, G groups): DeepSeek-V3 expert gate/up and down projections over 8192 rows, many
+# or few groups, and over the 8192 x top-8 = 65536 routed rows of 8192 tokens.
+GMM_SHAPES = ([(8192, 7168, 2048, 256), (8192, 2048, 7168, 256), (8192, 2048, 2048, 8),
+               (65536, 7168, 2048, 256)] if ACCELERATOR else [(64, 32, 48, 4)])
 
 
 def _time_ms(fn, *args) -> float:

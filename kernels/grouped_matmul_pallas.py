@@ -42,7 +42,8 @@ def _dot(a, b):
   return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, *, tk):
+def _gmm_owned_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, *,
+                      tk):
   tm, tn = out_ref.shape
   i, j = pl.program_id(0), pl.program_id(1)
   row_M1 = i * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
@@ -62,7 +63,7 @@ def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out
   out_ref[...] = acc_MN.astype(out_ref.dtype)
 
 
-def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, tm):
+def _tgmm_owned_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, tm):
   tk, tn = out_ref.shape
   g, kk, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   start, end = starts_ref[g], ends_ref[g]
@@ -115,7 +116,7 @@ def _gmm_owned(lhs_MK, rhs_GKN, group_sizes_G, tiles, interpret):
   lhs = _pad2(lhs_MK, mp, kp)
   rhs = jnp.pad(rhs_GKN, ((0, 0), (0, kp - k), (0, np_ - n)))
   out = pl.pallas_call(
-      functools.partial(_gmm_kernel, tk=tk),
+      functools.partial(_gmm_owned_kernel, tk=tk),
       grid=(mp // tm, np_ // tn),
       in_specs=[_whole((mp // tm,)), _whole((mp // tm,)), _whole((g,)), _whole((g,)),
                 _whole((mp, kp)), _whole((g, kp, np_))],
@@ -133,7 +134,7 @@ def _tgmm_owned(lhs_MK, dout_MN, group_sizes_G, tiles, out_dtype, interpret):
   mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
   starts, ends = _bounds(group_sizes_G)
   out = pl.pallas_call(
-      functools.partial(_tgmm_kernel, tm=tm),
+      functools.partial(_tgmm_owned_kernel, tm=tm),
       grid=(g, kp // tk, np_ // tn),
       in_specs=[_whole((g,)), _whole((g,)), _whole((mp, kp)), _whole((mp, np_))],
       out_specs=pl.BlockSpec((None, tk, tn), lambda gi, kk, j: (gi, kk, j)),
