@@ -294,7 +294,9 @@ def pallas_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, tiles=DEFAULT_TILES,
                           schedule: Optional[str] = None, interpret: bool = False):
   """The Pallas grouped matmul, differentiable in lhs and rhs.
 
-  Tiles (tm, tk, tn) are powers of two >= 16, clipped to the problem (not below 128 on TPU).
+  Tiles (tm, tk, tn) are powers of two >= 16, clipped to the problem: tm to the mean group size
+  (rounded up to a power of two; a row tile straddling g groups is multiplied g times), tk and
+  tn to K and N (on TPU not below 128, the lane width).
   `schedule`: "owned" (each program owns an output tile; GPU) or "revisit" (consecutive steps
   of TPU's sequential grid accumulate into a resident tile); None picks by backend.
   """
@@ -306,7 +308,8 @@ def pallas_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, tiles=DEFAULT_TILES,
   if schedule not in SCHEDULES:
     raise ValueError(
         f"grouped matmul schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
-  (m, k), (_, _, n) = lhs_MK.shape, rhs_GKN.shape
-  floor = 128 if tpu else 16
-  tiles = tuple(_clip_tile(t, size, floor) for t, size in zip(tiles, (m, k, n)))
+  (m, k), (g, _, n) = lhs_MK.shape, rhs_GKN.shape
+  lanes = 128 if tpu else 16
+  tiles = (_clip_tile(tiles[0], -(-m // g), 16), _clip_tile(tiles[1], k, lanes),
+           _clip_tile(tiles[2], n, lanes))
   return _gmm_vjp(lhs_MK, rhs_GKN, group_sizes_G, tiles, schedule, bool(interpret))
