@@ -236,7 +236,8 @@ def per_device_attention(attention_fn, q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, *
 
   Under a mesh the call sits in a `shard_map` with the batch over the batch axes and the heads over
   `tensor`: attention needs no communication then, and Pallas kernels (which XLA cannot partition)
-  see only local shapes. Without a mesh it is a plain call.
+  see only local shapes. Without a mesh, or when some mesh axis would not split the work (heads
+  not divisible by `tensor`, a batch too small), it is a plain call that XLA partitions.
   """
   mesh = current_mesh()
   if mesh is None or mesh.size == 1:
@@ -244,9 +245,15 @@ def per_device_attention(attention_fn, q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, *
   heads = lambda x: logical_to_spec(("batch", None, "heads", None), x.shape, mesh)
   rows = logical_to_spec(("batch", None), (q_BTNH.shape[0], 1), mesh)
   out_spec = heads(jax.ShapeDtypeStruct(q_BTNH.shape[:3] + v_BSNV.shape[3:], v_BSNV.dtype))
-  if heads(k_BSNH) != heads(q_BTNH) or heads(v_BSNV) != heads(q_BTNH):
+  used = {a for entry in out_spec for a in ((entry,) if isinstance(entry, str) else entry or ())}
+  if (heads(k_BSNH) != heads(q_BTNH) or heads(v_BSNV) != heads(q_BTNH)
+      or any(size > 1 and a not in used for a, size in dict(mesh.shape).items())):
+    # Some device would hold a replica: leave the partitioning to XLA.
     return attention_fn(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, *args, **kwargs)
   body = lambda q, k, v, *seg: attention_fn(q, k, v, seg[0] if seg else None, *args, **kwargs)
   operands = (q_BTNH, k_BSNH, v_BSNV) + (() if segment_ids_BT is None else (segment_ids_BT,))
   specs = (heads(q_BTNH),) * 3 + (() if segment_ids_BT is None else (rows,))
-  return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(*operands)
+  # Every mesh axis splits the operands (no replicas), so the unchecked transpose is exact; Pallas
+  # calls carry no varying-axes types.
+  return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec,
+                       check_vma=False)(*operands)

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from model import sharding
 from model.moe import MoE
-from model.transformer import init_model
+from model.transformer import forward, init_model
 from tests.conftest import small_config
 from train import memory, optimizer as opt
 from train.parallel import create_sharded_state, jit_train_step, put_batch
@@ -146,6 +146,16 @@ def modules_init_checks(cfg):
   return dict(wrong_shardings=wrong, min_std=min(stds), max_std=max(stds))
 
 
+def pallas_attention_check(cfg):
+  """The model with the Pallas flash attention (interpreted on CPU) under a mesh: it runs inside
+  the per-device shard_map and matches the XLA reference without a mesh."""
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 16)), jnp.int32)
+  ref = forward(init_model(cfg.replace(attention_impl="xla")), tokens).logits
+  with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(**MESHES["fsdp2_expert2_tensor2"]))):
+    out = forward(init_model(cfg.replace(attention_impl="pallas")), tokens).logits
+  return dict(logits_diff=float(jnp.max(jnp.abs(out - ref))))
+
+
 def main(path):
   assert jax.device_count() == 8, jax.devices()
   cfg = small_config(vocab_size=64, num_layers=2, mtp_depth=0)
@@ -154,6 +164,7 @@ def main(path):
   results["moe_seconds"] = time.perf_counter() - tick
   results["train_step"] = train_step_checks(cfg, batch(cfg))
   results["modules_init"] = modules_init_checks(cfg)
+  results["pallas_attention"] = pallas_attention_check(cfg)
   results["seconds"] = time.perf_counter() - tick
   with open(path, "w") as f:
     json.dump(results, f, indent=1)

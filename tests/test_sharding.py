@@ -99,3 +99,7 @@ def test_planner_matches_compiled_memory_analysis_per_device(multidevice):
     assert abs(m["xla_arguments"] - m["plan_arguments"] - counters) <= 1e-3 * m["plan_arguments"], (
         mesh, m)
     assert 0.6 < m["xla_temp"] / m["plan_temp"] < 1.7, (mesh, m)
+
+
+def test_pallas_attention_runs_per_device_under_a_mesh(multidevice):
+  assert multidevice["pallas_attention"]["logits_diff"] < TOL, multidevice["pallas_attention"]
