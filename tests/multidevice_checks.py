@@ -147,12 +147,13 @@ def modules_init_checks(cfg):
 
 
 def pallas_attention_check(cfg):
-  """The model with the Pallas flash attention (interpreted on CPU) under a mesh: it runs inside
-  the per-device shard_map and matches the XLA reference without a mesh."""
+  """The model with the Pallas kernels (flash attention, grouped matmul; interpreted on CPU) under
+  a mesh: they run inside the per-device shard_maps and match the XLA reference without a mesh."""
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 16)), jnp.int32)
   ref = forward(init_model(cfg.replace(attention_impl="xla")), tokens).logits
   with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(**MESHES["fsdp2_expert2_tensor2"]))):
-    out = forward(init_model(cfg.replace(attention_impl="pallas")), tokens).logits
+    out = forward(init_model(cfg.replace(attention_impl="pallas", moe_impl="pallas")),
+                  tokens).logits
   return dict(logits_diff=float(jnp.max(jnp.abs(out - ref))))
 
 

@@ -101,5 +101,5 @@ def test_planner_matches_compiled_memory_analysis_per_device(multidevice):
     assert 0.6 < m["xla_temp"] / m["plan_temp"] < 1.7, (mesh, m)
 
 
-def test_pallas_attention_runs_per_device_under_a_mesh(multidevice):
+def test_pallas_kernels_run_per_device_under_a_mesh(multidevice):
   assert multidevice["pallas_attention"]["logits_diff"] < TOL, multidevice["pallas_attention"]
