@@ -19,11 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kernels.grouped_matmul import grouped_matmul
-from model.sharding import logical_to_spec
-
-
-def _spec_axes(entry) -> tuple[str, ...]:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+from model.sharding import logical_to_spec, spec_axes
 
 
 def dispatch_slots(tokens: int, k: int, ep: int, capacity_factor: Optional[float]) -> int:
@@ -85,9 +81,9 @@ def sharded_moe_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_E
   tok = logical_to_spec(("batch", None), x_TD.shape, mesh)
   w_in = logical_to_spec(("experts", None, "expert_mlp"), w_gate_EDF.shape, mesh)
   w_out = logical_to_spec(("experts", "expert_mlp", None), w_down_EFD.shape, mesh)
-  token_axes = _spec_axes(tok[0] if len(tok) else None)
-  expert_axes = _spec_axes(w_in[0] if len(w_in) else None)
-  tensor_axes = _spec_axes(w_in[2] if len(w_in) > 2 else None)
+  token_axes = spec_axes(tok[0] if len(tok) else None)
+  expert_axes = spec_axes(w_in[0] if len(w_in) else None)
+  tensor_axes = spec_axes(w_in[2] if len(w_in) > 2 else None)
   ep = math.prod(dict(mesh.shape)[a] for a in expert_axes)
 
   def body(x, experts, weights, wg, wu, wd):

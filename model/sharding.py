@@ -193,36 +193,32 @@ def _dict_path(path) -> tuple[str, ...]:
   return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def tree_specs(tree, mesh, param_paths: Optional[set] = None):
+def tree_specs(tree, mesh, param_paths: set):
   """PartitionSpecs for every leaf of `tree` (pure dicts of parameters, optimizer state, ...).
 
-  A leaf whose dict-key path ends in a parameter path (parameters themselves, Adam's mu and nu,
-  gradients) is sharded like that parameter; everything else (step counters, scalars) is
-  replicated. `param_paths` limits the matching to those paths (default: any PARAM_AXES match).
+  A leaf whose dict-key path ends in one of `param_paths` (the parameters themselves, Adam's mu
+  and nu, gradients) is sharded like that parameter; everything else (step counters, scalars) is
+  replicated.
   """
   def spec(path, leaf):
     names = _dict_path(path)
     shape = getattr(leaf, "shape", ())
-    if not names or not shape:
+    suffix = next((names[i:] for i in range(len(names)) if names[i:] in param_paths), None)
+    if suffix is None or not shape:
       return P()
-    if param_paths is not None:
-      names = next((names[i:] for i in range(len(names)) if names[i:] in param_paths), None)
-      if names is None:
-        return P()
-    try:
-      axes = param_axes(names, len(shape))
-    except (KeyError, ValueError):
-      if param_paths is not None:
-        raise
-      return P()
-    return logical_to_spec(axes, shape, mesh)
+    return logical_to_spec(param_axes(suffix, len(shape)), shape, mesh)
   return jax.tree_util.tree_map_with_path(spec, tree)
 
 
-def tree_shardings(tree, mesh: Mesh, param_paths: Optional[set] = None):
+def tree_shardings(tree, mesh: Mesh, param_paths: set):
   """NamedShardings for every leaf of `tree` (see `tree_specs`)."""
   return jax.tree.map(lambda s: NamedSharding(mesh, s), tree_specs(tree, mesh, param_paths),
                       is_leaf=lambda x: isinstance(x, P))
+
+
+def spec_axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def batch_spec(ndim: int, mesh=None, batch_size: Optional[int] = None) -> P:
@@ -245,7 +241,7 @@ def per_device_attention(attention_fn, q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, *
   heads = lambda x: logical_to_spec(("batch", None, "heads", None), x.shape, mesh)
   rows = logical_to_spec(("batch", None), (q_BTNH.shape[0], 1), mesh)
   out_spec = heads(jax.ShapeDtypeStruct(q_BTNH.shape[:3] + v_BSNV.shape[3:], v_BSNV.dtype))
-  used = {a for entry in out_spec for a in ((entry,) if isinstance(entry, str) else entry or ())}
+  used = {a for entry in out_spec for a in spec_axes(entry)}
   if (heads(k_BSNH) != heads(q_BTNH) or heads(v_BSNV) != heads(q_BTNH)
       or any(size > 1 and a not in used for a, size in dict(mesh.shape).items())):
     # Some device would hold a replica: leave the partitioning to XLA.

@@ -3,8 +3,10 @@ tests/test_sharding.py (XLA_FLAGS must be set before JAX is imported):
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.multidevice_checks OUT.json
 
-Writes one JSON object: per mesh the loss and parameter differences to the single-device step and
-the parameters whose sharding differs from the table; the expert-parallel MoE differences.
+Writes one JSON object: per mesh the loss and parameter differences of two sharded train steps to
+the single-device ones, the parameters whose sharding differs from the table, and the planner's
+bytes beside XLA's memory analysis; the expert-parallel MoE against the unsharded layer; the
+"modules" init's shardings; the Pallas kernels under a mesh.
 """
 
 import json

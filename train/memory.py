@@ -42,13 +42,9 @@ def parse_mesh(text: str) -> dict:
 def _shard_factor(spec, sizes: dict) -> int:
   factor = 1
   for entry in spec:
-    for axis in sharding_axes(entry):
+    for axis in sharding.spec_axes(entry):
       factor *= sizes[axis]
   return factor
-
-
-def sharding_axes(entry) -> tuple:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def state_bytes(cfg: ModelConfig, sizes: dict) -> dict:
