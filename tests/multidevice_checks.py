@@ -159,6 +159,23 @@ def pallas_attention_check(cfg):
   return dict(logits_diff=float(jnp.max(jnp.abs(out - ref))))
 
 
+def microbatch_check(cfg):
+  """Gradient accumulation (2 micro-batches) on {data 2, expert 4} against one device."""
+  tx = opt.make_optimizer(opt.OptimizerConfig(peak_lr=1e-3, warmup_steps=1, total_steps=10))
+  step_cfg = StepConfig(spike_zscore=0.0, microbatches=2)
+  data = batch(cfg, b=16, seed=1)
+  template, state = create_train_state(init_model(cfg, seed=0), tx)
+  ref_step = jax.jit(make_train_step(template, tx, step_cfg))
+  mesh = sharding.make_mesh(sharding.MeshConfig(**MESHES["data2_expert4"]))
+  template, sharded, shardings = create_sharded_state(cfg, tx, mesh, seed=0)
+  step = jit_train_step(make_train_step(template, tx, step_cfg), shardings, mesh, 16)
+  for _ in range(2):
+    state, ref_metrics = ref_step(state, jax.tree.map(jnp.asarray, data))
+    sharded, metrics = step(sharded, put_batch(data, mesh, 16))
+  return dict(loss_diff=abs(float(metrics["loss"]) - float(ref_metrics["loss"])),
+              param_diff=max_diff(flat(state.params), flat(sharded.params)))
+
+
 def main(path):
   assert jax.device_count() == 8, jax.devices()
   cfg = small_config(vocab_size=64, num_layers=2, mtp_depth=0)
@@ -168,6 +185,7 @@ def main(path):
   results["train_step"] = train_step_checks(cfg, batch(cfg))
   results["modules_init"] = modules_init_checks(cfg)
   results["pallas_attention"] = pallas_attention_check(cfg)
+  results["microbatches"] = microbatch_check(cfg)
   results["seconds"] = time.perf_counter() - tick
   with open(path, "w") as f:
     json.dump(results, f, indent=1)

@@ -103,3 +103,8 @@ def test_planner_matches_compiled_memory_analysis_per_device(multidevice):
 
 def test_pallas_kernels_run_per_device_under_a_mesh(multidevice):
   assert multidevice["pallas_attention"]["logits_diff"] < TOL, multidevice["pallas_attention"]
+
+
+def test_gradient_accumulation_on_a_mesh_matches_one_device(multidevice):
+  r = multidevice["microbatches"]
+  assert r["loss_diff"] < TOL and r["param_diff"] < TOL, r

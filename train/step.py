@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from model.sharding import constrain
 from model.transformer import Transformer
 from train.loss import mean_or_zero, mtp_targets, token_cross_entropy
 
@@ -158,7 +159,10 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
 
   def train_step(state: TrainState, batch: dict):
     m = cfg.microbatches
-    micro = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
+    # Contiguous micro-batches; on a mesh each is spread over every device (a cheap reshuffle of
+    # the token ids), not held by 1/m of them.
+    micro = jax.tree.map(lambda x: constrain(x.reshape((m, x.shape[0] // m) + x.shape[1:]), None,
+                                             "batch", *(None,) * (x.ndim - 1)), batch)
 
     def accumulate(carry, mb):
       (loss, aux), grads = grad_fn(state.params, state.extra, mb, state.step)
