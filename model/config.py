@@ -8,6 +8,7 @@ from typing import Optional
 
 from kernels.attention import IMPLS as ATTENTION_IMPLS
 from kernels.grouped_matmul import IMPLS as MOE_IMPLS
+from model.expert_parallel import DISPATCHES as MOE_DISPATCHES
 
 ATTENTION_TYPES = ("mla", "gqa")
 SCORE_FUNCS = ("sigmoid", "softmax")
@@ -82,6 +83,9 @@ class ModelConfig:
   # Kernels: "auto" takes the Pallas kernel on accelerators and the XLA reference elsewhere.
   attention_impl: str = "auto"  # kernels.attention: auto, xla, pallas (flash), cudnn (GPU).
   moe_impl: str = "auto"  # kernels.grouped_matmul (dropless MoE): auto, xla, pallas, ragged, blocked.
+  # Expert-parallel token exchange (model/expert_parallel.py): auto (ragged on TPU/GPU), all_to_all
+  # (fixed buffers), ragged (ragged_all_to_all; emulated on CPU).
+  moe_dispatch: str = "auto"
 
   def __post_init__(self):
     def positive(*names):
@@ -124,6 +128,9 @@ class ModelConfig:
                        f"got {self.attention_impl!r}")
     if self.moe_impl not in MOE_IMPLS:
       raise ValueError(f"ModelConfig.moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+    if self.moe_dispatch not in MOE_DISPATCHES:
+      raise ValueError(f"ModelConfig.moe_dispatch must be one of {MOE_DISPATCHES}, "
+                       f"got {self.moe_dispatch!r}")
     if self.num_experts:
       self._validate_routing()
 

@@ -70,14 +70,73 @@ def _all_to_all_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_E
   return y_TD.astype(x_TD.dtype), (t * k - kept.sum()).astype(jnp.int32)
 
 
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name):
+  """`jax.lax.ragged_all_to_all` (one slice per peer) from `all_to_all` over padded chunks, for
+  backends without the collective (XLA:CPU): same arguments, same result."""
+  n, tail = operand.shape[0], (1,) * (operand.ndim - 1)
+  rows = jnp.arange(n)
+  valid_XN = rows[None, :] < send_sizes[:, None]
+  chunks = operand[jnp.clip(input_offsets[:, None] + rows[None, :], 0, n - 1)]
+  chunks = jnp.where(valid_XN.reshape(valid_XN.shape + tail), chunks, 0)
+  received = jax.lax.all_to_all(chunks, axis_name, 0, 0)  # [source, n, ...]
+  starts = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # Ours, per source.
+  dest = jnp.where(rows[None, :] < recv_sizes[:, None], starts[:, None] + rows[None, :],
+                   output.shape[0])  # Out of bounds: not written.
+  return output.at[dest.reshape(-1)].set(received.reshape((-1,) + operand.shape[1:]), mode="drop")
+
+
+def _ragged_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, axis: str,
+                ep: int, rows: int, impl: str, collective):
+  """Per-device body with ragged exchanges: each destination gets exactly the rows meant for it,
+  packed after the other sources' rows in a `rows`-row buffer; what does not fit is dropped."""
+  t, k = experts_TK.shape
+  e_local = w_gate_EDF.shape[0]
+  order = jnp.argsort(experts_TK.reshape(-1), stable=True)
+  expert_sorted = experts_TK.reshape(-1)[order]
+  dest_sorted = expert_sorted // e_local
+  sizes_X = jnp.zeros((ep,), jnp.int32).at[dest_sorted].add(1)
+  counts_XX = jax.lax.all_gather(sizes_X, axis)  # [source, destination] assignments.
+  me = jax.lax.axis_index(axis)
+  sent_from_XX = jnp.cumsum(counts_XX, 1) - counts_XX  # Sources' offsets in their sorted rows.
+  placed_at_XX = jnp.cumsum(counts_XX, 0) - counts_XX  # Offsets in the destinations' buffers.
+  kept_XX = jnp.clip(rows - placed_at_XX, 0, counts_XX)  # The first rows of a chunk that fit.
+  send, recv = kept_XX[me], kept_XX[:, me]
+  there = (sent_from_XX[me], send, placed_at_XX[me], recv)
+  recv_RD = collective(x_TD[order // k], jnp.zeros((rows, x_TD.shape[-1]), x_TD.dtype), *there,
+                       axis_name=axis)
+  recv_R = collective((expert_sorted % e_local).astype(jnp.int32), jnp.full((rows,), -1, jnp.int32),
+                      *there, axis_name=axis)
+  out_RD = _expert_ffn(recv_RD, recv_R, e_local, w_gate_EDF, w_up_EDF, w_down_EFD, impl)
+  y_sorted = collective(out_RD, jnp.zeros((t * k, x_TD.shape[-1]), out_RD.dtype),
+                        placed_at_XX[:, me], recv, sent_from_XX[:, me], send, axis_name=axis)
+  y_TKD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
+  y_TD = jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), weights_TK)
+  return y_TD.astype(x_TD.dtype), (t * k - send.sum()).astype(jnp.int32)
+
+
+DISPATCHES = ("auto", "all_to_all", "ragged")
+
+
 def sharded_moe_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, mesh, *,
-                    local_ffn: Callable, capacity_factor: Optional[float], impl: str = "auto"):
+                    local_ffn: Callable, capacity_factor: Optional[float], impl: str = "auto",
+                    dispatch: str = "auto"):
   """The routed experts over `mesh`: tokens stay on their devices, experts on theirs.
 
   Tokens are split over the batch axes; expert weights over `expert` (E) and `tensor` (F), gathered
   over `fsdp`. Without expert sharding each device runs `local_ffn` (the single-device dropless or
   capacity path) on its own tokens. Returns (y [T, D], dropped assignments, summed over devices).
+
+  `dispatch`: "all_to_all" exchanges fixed [ep, slots] buffers; "ragged" sends only the rows in
+  use with `ragged_all_to_all` into a buffer of ep x slots rows (emulated where the backend lacks
+  the collective, as XLA:CPU does); "auto" is "ragged" on TPU/GPU and "all_to_all" elsewhere.
   """
+  if dispatch not in DISPATCHES:
+    raise ValueError(f"sharded_moe_ffn: dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+  native = jax.default_backend() in ("tpu", "gpu")
+  if dispatch == "auto":
+    dispatch = "ragged" if native else "all_to_all"
+  collective = jax.lax.ragged_all_to_all if native else emulated_ragged_all_to_all
   tok = logical_to_spec(("batch", None), x_TD.shape, mesh)
   w_in = logical_to_spec(("experts", None, "expert_mlp"), w_gate_EDF.shape, mesh)
   w_out = logical_to_spec(("experts", "expert_mlp", None), w_down_EFD.shape, mesh)
@@ -89,8 +148,12 @@ def sharded_moe_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_E
   def body(x, experts, weights, wg, wu, wd):
     if expert_axes:
       slots = dispatch_slots(x.shape[0], experts.shape[1], ep, capacity_factor)
-      y, dropped = _all_to_all_ffn(x, experts, weights, wg, wu, wd, axis=expert_axes[0], ep=ep,
-                                   slots=slots, impl=impl)
+      if dispatch == "ragged":
+        y, dropped = _ragged_ffn(x, experts, weights, wg, wu, wd, axis=expert_axes[0], ep=ep,
+                                 rows=ep * slots, impl=impl, collective=collective)
+      else:
+        y, dropped = _all_to_all_ffn(x, experts, weights, wg, wu, wd, axis=expert_axes[0], ep=ep,
+                                     slots=slots, impl=impl)
     else:
       y, dropped = local_ffn(x, experts, weights, wg, wu, wd)
     if tensor_axes:  # Each device summed over its slice of F: add the partial outputs.

@@ -119,7 +119,7 @@ class MoE(nnx.Module):
     if mesh is not None and mesh.size > 1:
       y_TD, dropped = sharded_moe_ffn(x_TD, experts_TK, weights_TK, *weights, mesh,
                                       local_ffn=local_ffn, capacity_factor=cfg.capacity_factor,
-                                      impl=cfg.moe_impl)
+                                      impl=cfg.moe_impl, dispatch=cfg.moe_dispatch)
     else:
       y_TD, dropped = local_ffn(x_TD, experts_TK, weights_TK, *weights)
     y_BTD = y_TD.reshape(b, t, d)

@@ -114,22 +114,29 @@ def train_step_checks(cfg, data):
 
 def moe_checks(cfg):
   """The MoE layer alone (a non-zero router bias), jitted under expert-parallel meshes against no
-  mesh: dropless must match; a small capacity must drop and count."""
+  mesh, with both dispatches (ragged emulated on CPU): dropless must match, in value and (ragged)
+  gradient; a small capacity must drop and count."""
   out = {}
   x = jax.random.normal(jax.random.key(1), (8, 16, cfg.d_model), jnp.float32)
-  for capacity_factor, names in ((None, ("data2_expert4", "fsdp2_expert2_tensor2")),
-                                 (0.5, ("data2_expert4",))):
-    graphdef, state = nnx.split(MoE(cfg.replace(capacity_factor=capacity_factor), rngs=nnx.Rngs(3)))
-    bias = state["router"]["bias"]
-    bias.set_value(0.05 * jnp.arange(bias.shape[0], dtype=jnp.float32) % 0.2)
-    run = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    ref_y, ref_stats = run(state, x)
-    for name in names:
-      with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(**MESHES[name]))):
-        y, stats = run(state, x)
-      out[f"{name}/capacity={capacity_factor}"] = dict(
-          y_diff=float(jnp.max(jnp.abs(y - ref_y))), dropped=int(stats.dropped),
-          ref_dropped=int(ref_stats.dropped))
+  both = ("data2_expert4", "fsdp2_expert2_tensor2")
+  for capacity_factor, names in ((None, both), (0.5, ("data2_expert4",))):
+    for dispatch in ("all_to_all", "ragged"):
+      c = cfg.replace(capacity_factor=capacity_factor, moe_dispatch=dispatch)
+      graphdef, state = nnx.split(MoE(c, rngs=nnx.Rngs(3)))
+      bias = state["router"]["bias"]
+      bias.set_value(0.05 * jnp.arange(bias.shape[0], dtype=jnp.float32) % 0.2)
+      run = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+      grad = jax.jit(jax.grad(lambda s, x: (nnx.merge(graphdef, s)(x)[0] ** 2).sum()))
+      ref_y, ref_stats = run(state, x)
+      with_grad = dispatch == "ragged" and capacity_factor is None
+      ref_g = flat(nnx.to_pure_dict(grad(state, x))) if with_grad else None
+      for name in names:
+        with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(**MESHES[name]))):
+          y, stats = run(state, x)
+          g = flat(nnx.to_pure_dict(grad(state, x))) if with_grad and name == both[0] else None
+        out[f"{name}/{dispatch}/capacity={capacity_factor}"] = dict(
+            y_diff=float(jnp.max(jnp.abs(y - ref_y))), dropped=int(stats.dropped),
+            ref_dropped=int(ref_stats.dropped), grad_diff=None if g is None else max_diff(ref_g, g))
   return out
 
 

@@ -75,12 +75,15 @@ def test_sharded_train_step_matches_one_device(multidevice, mesh):
   assert r["dropped"] == r["ref_dropped"] == 0
 
 
-def test_expert_parallel_moe_matches_unsharded(multidevice):
+@pytest.mark.parametrize("dispatch", ["all_to_all", "ragged"])
+def test_expert_parallel_moe_matches_unsharded(multidevice, dispatch):
   moe = multidevice["moe"]
   for name in ("data2_expert4", "fsdp2_expert2_tensor2"):
-    r = moe[f"{name}/capacity=None"]
+    r = moe[f"{name}/{dispatch}/capacity=None"]
     assert r["y_diff"] < TOL and r["dropped"] == 0, (name, r)
-  r = moe["data2_expert4/capacity=0.5"]
+  if dispatch == "ragged":
+    assert moe["data2_expert4/ragged/capacity=None"]["grad_diff"] < TOL
+  r = moe[f"data2_expert4/{dispatch}/capacity=0.5"]
   assert r["dropped"] > 0, r  # A capacity below what the routing needs drops and counts.
 
 
