@@ -13,7 +13,10 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0  # Model initialisation.
   c.model = ml_collections.ConfigDict(dict(preset="tiny"))
-  c.model_overrides = ml_collections.ConfigDict(dict(vocab_size=512, max_seq_len=128))
+  # ModelConfig fields over the preset; the execution fields are listed so flags can set them.
+  c.model_overrides = ml_collections.ConfigDict(dict(
+      vocab_size=512, max_seq_len=128, dtype="float32", remat_policy="none", attention_impl="auto",
+      moe_impl="auto"))
   c.init_from = ""  # A workdir checkpoint dir or HF directory: its weights, a fresh optimizer.
   c.data = ml_collections.ConfigDict(dict(
       source="builtin", paths="", jsonl_field="text", builtin_docs=20000, seq_len=128, batch_size=8,
@@ -42,9 +45,8 @@ def get_config(arg=None):
   c.peak_flops = 0.0  # FLOP/s for MFU; 0: the device table, or a matmul measured at start-up.
   if arg == "deepseek_v3":
     c.model.preset = "deepseek_v3_671b"
-    c.model_overrides = ml_collections.ConfigDict(dict(
-        vocab_size=129280, max_seq_len=4096, dtype="bfloat16", remat_policy="full",
-        capacity_factor=1.25))
+    c.model_overrides.update(vocab_size=129280, max_seq_len=4096, dtype="bfloat16",
+                             remat_policy="full", capacity_factor=1.25)
     c.data.update(source="jsonl", seq_len=4096, batch_size=1024)
     c.tokenizer.kind = "hf_json"
     c.step.microbatches = 8

@@ -14,6 +14,9 @@ ATTENTION_TYPES = ("mla", "gqa")
 SCORE_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+# Fields that choose how the model runs, not which weights it has: a resumed run or an init_from
+# may change them.
+EXECUTION_FIELDS = ("dtype", "remat_policy", "attention_impl", "moe_impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +203,10 @@ class ModelConfig:
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
+
+  def same_weights_as(self, other: "ModelConfig") -> bool:
+    """Equal up to EXECUTION_FIELDS: one model's weights fit the other."""
+    return self.replace(**{f: getattr(other, f) for f in EXECUTION_FIELDS}) == other
 
   # Cost model.
 

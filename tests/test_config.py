@@ -94,3 +94,12 @@ def test_softmax_scale_rule():
   mscale = 0.1 * 1.0 * __import__("math").log(40) + 1
   assert cfg.softmax_scale == pytest.approx(12**-0.5 * mscale**2)
   assert small_config().softmax_scale == pytest.approx(12**-0.5)
+
+
+def test_same_weights_ignores_only_execution_fields():
+  cfg = small_config()
+  assert cfg.same_weights_as(cfg.replace(dtype="bfloat16", remat_policy="full",
+                                         attention_impl="pallas", moe_impl="blocked"))
+  assert not cfg.same_weights_as(cfg.replace(d_model=48))
+  assert not cfg.same_weights_as(cfg.replace(num_experts=4, experts_per_token=2, topk_groups=1,
+                                             num_expert_groups=1))

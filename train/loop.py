@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from model.config import ModelConfig, YarnConfig, get_preset
+from model.config import EXECUTION_FIELDS, ModelConfig, YarnConfig, get_preset
 from model.sharding import MeshConfig, make_mesh
 from model.transformer import init_model
 from train import optimizer as opt
@@ -57,10 +57,17 @@ def _initial_model(c, cfg: ModelConfig):
   if not c.init_from:
     return init_model(cfg, seed=c.seed)
   model = load_model(c.init_from)
-  if model.cfg.replace(dtype=cfg.dtype) != cfg:
+  if not model.cfg.same_weights_as(cfg):
     raise ValueError(f"config.init_from {c.init_from!r}: its model config does not match the "
                      "run's; set config.model_overrides to the checkpoint's shapes")
   return model
+
+
+def _run_model_fields(cfg: ModelConfig) -> dict:
+  """The model fields a resumed run must keep: all but the kernel and remat choices (the dtype
+  stays: it changes the losses)."""
+  return {k: v for k, v in dataclasses.asdict(cfg).items()
+          if k == "dtype" or k not in EXECUTION_FIELDS}
 
 
 def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -71,7 +78,7 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   opt_cfg = opt.OptimizerConfig(total_steps=c.total_steps, **dict(c.optimizer))
   step_cfg = StepConfig(**dict(c.step))
   check_run_config(workdir, dict(
-      model=dataclasses.asdict(cfg), data=dataclasses.asdict(data_cfg),
+      model=_run_model_fields(cfg), data=dataclasses.asdict(data_cfg),
       tokenizer=dict(c.tokenizer), optimizer=dataclasses.asdict(opt_cfg),
       step=dataclasses.asdict(step_cfg), seed=c.seed, init_from=c.init_from))
   tokenizer = build_tokenizer(c, data_cfg, cfg.vocab_size, workdir)
