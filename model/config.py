@@ -16,7 +16,7 @@ TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 # Fields that choose how the model runs, not which weights it has: a resumed run or an init_from
 # may change them.
-EXECUTION_FIELDS = ("dtype", "remat_policy", "attention_impl", "moe_impl")
+EXECUTION_FIELDS = ("dtype", "remat_policy", "attention_impl", "moe_impl", "moe_dispatch")
 
 
 @dataclasses.dataclass(frozen=True)
