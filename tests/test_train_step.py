@@ -61,8 +61,11 @@ def test_gradient_accumulation_equals_full_batch(setup):
     full_state, full_metrics = full_step(full_state, batch)
     micro_state, micro_metrics = micro_step(micro_state, batch)
   np.testing.assert_allclose(full_metrics["loss"], micro_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(full_metrics["grad_norm"], micro_metrics["grad_norm"], rtol=1e-5)
+  # Adam divides by sqrt(v): an element whose gradient is ~0 moves by up to lr (1e-2 here) with a
+  # sign set by rounding, so parameters are compared to 1% of one step, gradients above exactly.
   for a, b in zip(jax.tree.leaves(full_state.params), jax.tree.leaves(micro_state.params)):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(a, b, atol=1e-4)
   for a, b in zip(jax.tree.leaves(full_state.extra), jax.tree.leaves(micro_state.extra)):
     np.testing.assert_allclose(a, b, atol=1e-7)
 
