@@ -111,3 +111,9 @@ def test_pallas_kernels_run_per_device_under_a_mesh(multidevice):
 def test_gradient_accumulation_on_a_mesh_matches_one_device(multidevice):
   r = multidevice["microbatches"]
   assert r["loss_diff"] < TOL and r["param_diff"] < TOL, r
+
+
+def test_generation_on_a_mesh_matches_one_device(multidevice):
+  r = multidevice["generation"]
+  assert r["tokens_equal"] and r["logprob_diff"] < TOL, r
+  assert r["cache_spec"] == "P(None, ('data', 'expert'))", r  # Layers, then batch.
