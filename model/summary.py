@@ -15,8 +15,10 @@ from absl import app, flags
 
 from model.config import PRESETS, ModelConfig, get_preset
 
-_PRESET = flags.DEFINE_string("preset", "tiny", "A preset name from model.config.PRESETS, or 'all'.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Sequence length for FLOPs per token.")
+def _define_flags():
+  """The CLI's flags, registered only when run as a program (importing stays flag-free)."""
+  flags.DEFINE_string("preset", "tiny", "A preset name from model.config.PRESETS, or 'all'.")
+  flags.DEFINE_integer("seq_len", 4096, "Sequence length for FLOPs per token.")
 
 
 def describe(name: str, cfg: ModelConfig, seq_len: int) -> dict:
@@ -28,12 +30,14 @@ def describe(name: str, cfg: ModelConfig, seq_len: int) -> dict:
 
 
 def main(argv):
+  """Prints one JSON line per preset named by --preset."""
   del argv
-  names = sorted(PRESETS) if _PRESET.value == "all" else [_PRESET.value]
+  f = flags.FLAGS
+  names = sorted(PRESETS) if f.preset == "all" else [f.preset]
   for name in names:
-    cfg = get_preset(name)
-    print(json.dumps(describe(name, cfg, _SEQ_LEN.value)), flush=True)
+    print(json.dumps(describe(name, get_preset(name), f.seq_len)), flush=True)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

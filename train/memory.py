@@ -152,30 +152,35 @@ def plan(cfg: ModelConfig, sizes: dict, batch: int, seq: int, microbatches: int 
   return out
 
 
-_PRESET = flags.DEFINE_string("preset", "deepseek_v3_671b", "model.config preset.")
-_MESH = flags.DEFINE_string("mesh", "data=1,fsdp=64,expert=64,tensor=4",
-                            "Axis sizes, e.g. data=2,fsdp=8,expert=8,tensor=4 (dcn_* multiply).")
-_BATCH = flags.DEFINE_integer("batch_size", 4096, "Global batch (sequences).")
-_SEQ = flags.DEFINE_integer("seq_len", 4096, "Sequence length.")
-_MICRO = flags.DEFINE_integer("microbatches", 1, "Gradient-accumulation micro-batches.")
-_REMAT = flags.DEFINE_string("remat_policy", "full", "none, full or dots_saveable.")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype (parameters stay float32).")
-_CAPACITY = flags.DEFINE_float("capacity_factor", 0.0, "Expert-parallel buffers; 0: dropless.")
+def _define_flags():
+  """The CLI's flags, registered only when run as a program (importing stays flag-free)."""
+  flags.DEFINE_string("preset", "deepseek_v3_671b", "model.config preset.")
+  flags.DEFINE_string("mesh", "data=1,fsdp=64,expert=64,tensor=4",
+                      "Axis sizes, e.g. data=2,fsdp=8,expert=8,tensor=4 (dcn_* multiply).")
+  flags.DEFINE_integer("batch_size", 4096, "Global batch (sequences).")
+  flags.DEFINE_integer("seq_len", 4096, "Sequence length.")
+  flags.DEFINE_integer("microbatches", 1, "Gradient-accumulation micro-batches.")
+  flags.DEFINE_string("remat_policy", "full", "none, full or dots_saveable.")
+  flags.DEFINE_string("dtype", "bfloat16", "Compute dtype (parameters stay float32).")
+  flags.DEFINE_float("capacity_factor", 0.0, "Expert-parallel buffers; 0: dropless.")
 
 
 def main(argv):
+  """Prints the per-device memory plan of --preset on --mesh as one JSON object."""
   del argv
-  cfg = get_preset(_PRESET.value).replace(remat_policy=_REMAT.value, dtype=_DTYPE.value,
-                                          capacity_factor=_CAPACITY.value or None)
-  sizes = parse_mesh(_MESH.value)
-  result = plan(cfg, sizes, _BATCH.value, _SEQ.value, _MICRO.value)
+  f = flags.FLAGS
+  cfg = get_preset(f.preset).replace(remat_policy=f.remat_policy, dtype=f.dtype,
+                                     capacity_factor=f.capacity_factor or None)
+  sizes = parse_mesh(f.mesh)
+  result = plan(cfg, sizes, f.batch_size, f.seq_len, f.microbatches)
   gib = {k + "_gib": round(v / 2**30, 2) for k, v in result.items() if k != "tokens_per_device"}
-  print(json.dumps(dict(preset=_PRESET.value, mesh=sizes, devices=math.prod(sizes.values()),
-                        batch_size=_BATCH.value, seq_len=_SEQ.value, microbatches=_MICRO.value,
-                        remat_policy=_REMAT.value, dtype=_DTYPE.value,
+  print(json.dumps(dict(preset=f.preset, mesh=sizes, devices=math.prod(sizes.values()),
+                        batch_size=f.batch_size, seq_len=f.seq_len, microbatches=f.microbatches,
+                        remat_policy=f.remat_policy, dtype=f.dtype,
                         capacity_factor=cfg.capacity_factor,
                         tokens_per_device=result["tokens_per_device"], **gib)))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
