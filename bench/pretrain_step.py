@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags
 
 from model import hf
-from bench.shapes import SHAPES, bench_config
+from bench.shapes import bench_config
 from model.config import ModelConfig
 from train import optimizer as opt
 from train.metrics import measured_matmul_flops

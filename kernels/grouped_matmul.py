@@ -28,7 +28,8 @@ def blocked_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, block: int | None = N
   """Each group's rows padded to a multiple of `block`; one [block, K] x [K, N] product per block.
 
   The default block is the power of two nearest M / G from above, at most 128: few rows per group
-  (decoding) then pad to a few rows, not to 128.
+  (decoding) then pad to a few rows, not to 128. Rows past sum(group sizes) belong to no group:
+  their output is zero (as with ragged_dot) and they cost nothing.
   """
   m, k = lhs_MK.shape
   g, _, n = rhs_GKN.shape
@@ -40,11 +41,12 @@ def blocked_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, block: int | None = N
   group_of_row = jnp.searchsorted(ends, jnp.arange(m), side="right")
   dest = (padded_ends - padded)[group_of_row] + jnp.arange(m) - (ends - sizes)[group_of_row]
   num_blocks = -(-m // block) + g  # Static bound on the padded rows / block.
-  buf = jnp.zeros((num_blocks * block, k), lhs_MK.dtype).at[dest].set(lhs_MK)
+  dest = jnp.where(group_of_row < g, dest, num_blocks * block)  # Past the last group: dropped.
+  buf = jnp.zeros((num_blocks * block, k), lhs_MK.dtype).at[dest].set(lhs_MK, mode="drop")
   group_of_block = jnp.minimum(
       jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side="right"), g - 1)
   out = jnp.einsum("BIK,BKN->BIN", buf.reshape(num_blocks, block, k), rhs_GKN[group_of_block])
-  return out.reshape(num_blocks * block, n)[dest]
+  return out.reshape(num_blocks * block, n).at[dest].get(mode="fill", fill_value=0)
 
 
 def grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, impl: str = "auto", tiles=DEFAULT_TILES):

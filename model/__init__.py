@@ -6,6 +6,7 @@ Shape convention: capital-letter einsum strings, used in every file of this pack
   N attention heads  H qk head dim         V value head dim     P rope dim
   R latent rank      F ffn width           E experts            K experts per token
   G expert groups    C capacity slots      L layers             Y vocabulary
+  M grouped rows     X devices (expert parallelism)
 
 Modules are Flax NNX modules used functionally: a forward pass never mutates state, and everything
 it produces (logits, router statistics, balance losses) comes back in its return value.

@@ -23,7 +23,8 @@ def attention_mask(segment_ids_BT: jax.Array) -> jax.Array:
 
 def dot_product_attention(q_BTNH, k_BSNH, v_BSNV, mask_B1TS, scale: float) -> jax.Array:
   """Softmax(q k^T * scale) v with the softmax in float32; returns [B, T, N, V]."""
-  logits_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH).astype(jnp.float32) * scale
+  logits_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH,
+                           preferred_element_type=jnp.float32) * scale
   logits_BNTS = jnp.where(mask_B1TS, logits_BNTS, jnp.finfo(jnp.float32).min)
   probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BSNV.dtype)
   return jnp.einsum("BNTS,BSNV->BTNV", probs_BNTS, v_BSNV)
@@ -62,15 +63,19 @@ class MLAttention(nnx.Module):
     k_rope_BTP = apply_rope(k_rope_BTP[:, :, None, :], positions_BT, cfg)[:, :, 0, :]
     return self.kv_norm(latent_BTR), k_rope_BTP
 
+  def keys_values(self, latent_BSR, k_rope_BSP):
+    """The latent expanded per head: keys [B,S,N,H] (no-RoPE part + the shared rotated key) and
+    values [B,S,N,V]."""
+    k_nope, v_BSNV = jnp.split(self.kv_b(latent_BSR), [self.cfg.qk_nope_head_dim], axis=-1)
+    k_rope = jnp.broadcast_to(k_rope_BSP[:, :, None, :], k_nope.shape[:3] + k_rope_BSP.shape[-1:])
+    return jnp.concatenate([k_nope, k_rope], axis=-1), v_BSNV
+
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
     """Causal self-attention within segments, through the `cfg.attention_impl` kernel switch."""
     cfg = self.cfg
     q_nope, q_rope = self.query(x_BTD, positions_BT)
-    latent_BSR, k_rope_BSP = self.latent(x_BTD, positions_BT)
-    k_nope, v_BSNV = jnp.split(self.kv_b(latent_BSR), [cfg.qk_nope_head_dim], axis=-1)
-    k_rope = jnp.broadcast_to(k_rope_BSP[:, :, None, :], k_nope.shape[:3] + k_rope_BSP.shape[-1:])
+    k_BSNH, v_BSNV = self.keys_values(*self.latent(x_BTD, positions_BT))
     q_BTNH = jnp.concatenate([q_nope, q_rope], axis=-1)
-    k_BSNH = jnp.concatenate([k_nope, k_rope], axis=-1)
     out_BTNV = per_device_attention(attention, q_BTNH, k_BSNH, v_BSNV, segment_ids_BT,
                                     cfg.softmax_scale, impl=cfg.attention_impl)
     return self.o(out_BTNV)

@@ -14,8 +14,8 @@ ATTENTION_TYPES = ("mla", "gqa")
 SCORE_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
-# Fields that choose how the model runs, not which weights it has: a resumed run or an init_from
-# may change them.
+# Fields that choose how the model runs, not which weights it has: init_from may change all of
+# them, a resumed run all but dtype (it changes the losses; train.loop keeps it in the run config).
 EXECUTION_FIELDS = ("dtype", "remat_policy", "attention_impl", "moe_impl", "moe_dispatch")
 
 

@@ -78,13 +78,6 @@ def _check_mla(cfg: ModelConfig, kind: str):
     raise ValueError(f"cache kind must be one of {CACHE_KINDS}, got {kind!r}")
 
 
-def _expand(attn: MLAttention, latent_BSR, k_rope_BSP):
-  """Per-head keys [B,S,N,H] (no-RoPE part from the latent + the shared rotated key) and values."""
-  k_nope, v_BSNV = jnp.split(attn.kv_b(latent_BSR), [attn.cfg.qk_nope_head_dim], axis=-1)
-  k_rope = jnp.broadcast_to(k_rope_BSP[:, :, None, :], k_nope.shape[:3] + k_rope_BSP.shape[-1:])
-  return jnp.concatenate([k_nope, k_rope], axis=-1), v_BSNV
-
-
 def absorbed_attention(attn: MLAttention, x_BTD, positions_BT, latent_BSR, k_rope_BSP, mask_B1TS):
   """MLA over a latent cache without expanding it: W_k folded into the query, W_v into the output."""
   cfg = attn.cfg
@@ -92,9 +85,10 @@ def absorbed_attention(attn: MLAttention, x_BTD, positions_BT, latent_BSR, k_rop
   q_nope, q_rope = attn.query(x_BTD, positions_BT)
   w_k_RNH, w_v_RNV = jnp.split(attn.kv_b.w[...].astype(dt), [cfg.qk_nope_head_dim], axis=-1)
   q_latent_BTNR = jnp.einsum("BTNH,RNH->BTNR", q_nope, w_k_RNH)
-  logits_BNTS = (jnp.einsum("BTNR,BSR->BNTS", q_latent_BTNR, latent_BSR.astype(dt))
-                 + jnp.einsum("BTNP,BSP->BNTS", q_rope, k_rope_BSP.astype(dt)))
-  logits_BNTS = logits_BNTS.astype(jnp.float32) * cfg.softmax_scale
+  f32 = dict(preferred_element_type=jnp.float32)  # Scores in float32, as the training path.
+  logits_BNTS = (jnp.einsum("BTNR,BSR->BNTS", q_latent_BTNR, latent_BSR.astype(dt), **f32)
+                 + jnp.einsum("BTNP,BSP->BNTS", q_rope, k_rope_BSP.astype(dt), **f32))
+  logits_BNTS = logits_BNTS * cfg.softmax_scale
   logits_BNTS = jnp.where(mask_B1TS, logits_BNTS, jnp.finfo(jnp.float32).min)
   probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(dt)
   context_BTNR = jnp.einsum("BNTS,BSR->BTNR", probs_BNTS, latent_BSR.astype(dt))
@@ -104,7 +98,8 @@ def absorbed_attention(attn: MLAttention, x_BTD, positions_BT, latent_BSR, k_rop
 def _entries(attn: MLAttention, kind: str, x_BTD, positions_BT):
   """What `kind` caches for the tokens x: (latent, rotated key) or (keys, values)."""
   latent_BTR, k_rope_BTP = attn.latent(x_BTD, positions_BT)
-  return (latent_BTR, k_rope_BTP) if kind == "latent" else _expand(attn, latent_BTR, k_rope_BTP)
+  return ((latent_BTR, k_rope_BTP) if kind == "latent"
+          else attn.keys_values(latent_BTR, k_rope_BTP))
 
 
 def _prefill_stack(blocks: Optional[Block], kind, x_BTD, positions_BT, segment_ids_BT, max_len):
@@ -141,8 +136,8 @@ def prefill(model: Transformer, tokens_BT, lengths_B, max_len: int, kind: str = 
   x_BTD, dense = _prefill_stack(model.dense_layers, kind, x_BTD, positions_BT, segment_ids_BT,
                                 max_len)
   x_BTD, moe = _prefill_stack(model.moe_layers, kind, x_BTD, positions_BT, segment_ids_BT, max_len)
-  last_BD = jnp.take_along_axis(x_BTD, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)
-  logits = model.output_logits(model.final_norm(last_BD))[:, 0]
+  last_B1D = jnp.take_along_axis(x_BTD, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)
+  logits = model.output_logits(model.final_norm(last_B1D))[:, 0]
   return logits, Cache((dense, moe), lengths_B, kind)
 
 

@@ -3,10 +3,12 @@
 Inside the block every device holds a slice of the tokens (the batch axes) and, when the experts
 are sharded over `expert`, E / ep of the experts. Each token's assignments are packed into one
 fixed-size buffer per destination device, exchanged with `all_to_all`, multiplied locally with the
-grouped matmul, sent back with a second `all_to_all` and combined with the gate weights. XLA:CPU
-has no `ragged_all_to_all` (jax 0.10.2), so the buffers have a static size: `slots` assignments per
-(source, destination) pair; dropless (capacity_factor None) uses slots = local tokens x K, which
-can never overflow. Overflowing assignments are dropped and counted.
+grouped matmul, sent back with a second `all_to_all` and combined with the gate weights. The
+`all_to_all` buffers have a static size: `slots` assignments per (source, destination) pair;
+dropless (capacity_factor None) uses slots = local tokens x K, which can never overflow, and the
+empty slots cost no expert FLOPs (they belong to no group). Overflowing assignments are dropped and
+counted. Where the backend has `ragged_all_to_all` (TPU/GPU; not XLA:CPU in jax 0.10.2)
+`moe_dispatch="ragged"` sends only the rows that exist.
 """
 
 from __future__ import annotations
@@ -31,11 +33,10 @@ def dispatch_slots(tokens: int, k: int, ep: int, capacity_factor: Optional[float
 
 def _expert_ffn(rows_MD, local_expert_M, e_local, w_gate_EDF, w_up_EDF, w_down_EFD, impl):
   """SwiGLU of each row with its local expert; rows with expert -1 are padding (output 0)."""
-  m = rows_MD.shape[0]
   key_M = jnp.where(local_expert_M >= 0, local_expert_M, e_local)  # Padding sorts last.
   order = jnp.argsort(key_M, stable=True)
+  # Padding rows sort last and belong to no group: the grouped matmul gives them 0 at no cost.
   sizes_E = jnp.zeros((e_local,), jnp.int32).at[key_M].add(1, mode="drop")
-  sizes_E = sizes_E.at[-1].add(m - sizes_E.sum())  # Padding rows (zeros) join the last group.
   rows = rows_MD[order]
   h = (jax.nn.silu(grouped_matmul(rows, w_gate_EDF, sizes_E, impl))
        * grouped_matmul(rows, w_up_EDF, sizes_E, impl))

@@ -232,8 +232,9 @@ def per_device_attention(attention_fn, q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, *
 
   Under a mesh the call sits in a `shard_map` with the batch over the batch axes and the heads over
   `tensor`: attention needs no communication then, and Pallas kernels (which XLA cannot partition)
-  see only local shapes. Without a mesh, or when some mesh axis would not split the work (heads
-  not divisible by `tensor`, a batch too small), it is a plain call that XLA partitions.
+  see only local shapes. When some mesh axis would not split the work (heads not divisible by
+  `tensor`, a batch too small) the call is left to XLA's partitioner with `impl="xla"`: a kernel
+  there would run whole, on gathered operands, on every device.
   """
   mesh = current_mesh()
   if mesh is None or mesh.size == 1:
@@ -244,7 +245,8 @@ def per_device_attention(attention_fn, q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, *
   used = {a for entry in out_spec for a in spec_axes(entry)}
   if (heads(k_BSNH) != heads(q_BTNH) or heads(v_BSNV) != heads(q_BTNH)
       or any(size > 1 and a not in used for a, size in dict(mesh.shape).items())):
-    # Some device would hold a replica: leave the partitioning to XLA.
+    # Some device would hold a replica: leave the partitioning to XLA, on the XLA reference.
+    kwargs = dict(kwargs, impl="xla") if "impl" in kwargs else kwargs
     return attention_fn(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, *args, **kwargs)
   body = lambda q, k, v, *seg: attention_fn(q, k, v, seg[0] if seg else None, *args, **kwargs)
   operands = (q_BTNH, k_BSNH, v_BSNV) + (() if segment_ids_BT is None else (segment_ids_BT,))

@@ -69,6 +69,17 @@ def test_pallas_matches_ragged_dot_with_gradients(schedule, sizes, k, n, tiles):
   np.testing.assert_array_equal(grads[1][np.asarray(sizes) == 0], 0)
 
 
+@pytest.mark.parametrize("impl", ["ragged", "blocked"])
+def test_rows_past_the_last_group_are_zero(impl):
+  sizes = jnp.asarray([4, 0, 3])
+  lhs = jax.random.normal(jax.random.key(9), (12, 5))  # Five rows belong to no group.
+  rhs = jax.random.normal(jax.random.key(10), (3, 5, 6))
+  got, vjp = jax.vjp(lambda l: grouped_matmul(l, rhs, sizes, impl=impl), lhs)
+  np.testing.assert_allclose(got[:7], reference(lhs[:7], rhs, sizes), atol=1e-4, rtol=1e-5)
+  np.testing.assert_array_equal(got[7:], 0)
+  np.testing.assert_array_equal(vjp(jnp.ones_like(got))[0][7:], 0)
+
+
 def test_pallas_through_switch():
   sizes = jnp.asarray([3, 0, 14])
   lhs = jax.random.normal(jax.random.key(7), (17, 10))
