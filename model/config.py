@@ -40,6 +40,13 @@ class YarnConfig:
           f"YarnConfig.beta_fast ({self.beta_fast}) must exceed beta_slow ({self.beta_slow})")
 
 
+def _yarn_from_dict(fields: dict) -> dict:
+  fields = dict(fields)
+  if isinstance(fields.get("yarn"), dict):
+    fields["yarn"] = YarnConfig(**fields["yarn"])
+  return fields
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Every shape and numeric choice of the model. Field names follow DeepSeek's where they exist."""
@@ -201,8 +208,14 @@ class ModelConfig:
       scale *= m * m
     return scale
 
+  @classmethod
+  def from_dict(cls, fields: dict) -> "ModelConfig":
+    """A config from plain values (run_config.json): a `yarn` dict becomes a YarnConfig."""
+    return cls(**_yarn_from_dict(fields))
+
   def replace(self, **changes) -> "ModelConfig":
-    return dataclasses.replace(self, **changes)
+    """A copy with `changes`; a `yarn` given as a plain dict (a ConfigDict override) is converted."""
+    return dataclasses.replace(self, **_yarn_from_dict(changes))
 
   def same_weights_as(self, other: "ModelConfig") -> bool:
     """Equal up to EXECUTION_FIELDS: one model's weights fit the other."""

@@ -103,3 +103,11 @@ def test_same_weights_ignores_only_execution_fields():
   assert not cfg.same_weights_as(cfg.replace(d_model=48))
   assert not cfg.same_weights_as(cfg.replace(num_experts=4, experts_per_token=2, topk_groups=1,
                                              num_expert_groups=1))
+
+
+def test_from_dict_round_trips_through_json():
+  import dataclasses
+  import json
+  cfg = small_config(yarn=YarnConfig(factor=4.0, original_max_len=16))
+  assert ModelConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+  assert cfg.replace(yarn=dict(factor=2.0)).yarn == YarnConfig(factor=2.0)

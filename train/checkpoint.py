@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from model import hf
-from model.config import ModelConfig, YarnConfig
+from model.config import ModelConfig
 from model.transformer import Transformer, init_model
 from train.step import TrainState
 
@@ -70,10 +70,8 @@ def workdir_model_config(workdir: str) -> ModelConfig:
   path = os.path.join(workdir, "run_config.json")
   with open(path) as f:
     fields = dict(json.load(f)["model"])
-  if fields.get("yarn"):
-    fields["yarn"] = YarnConfig(**fields["yarn"])
   try:
-    return ModelConfig(**fields)
+    return ModelConfig.from_dict(fields)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{path}: field 'model' is not a valid ModelConfig: {e}") from e
 

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from model.config import EXECUTION_FIELDS, ModelConfig, YarnConfig, get_preset
+from model.config import EXECUTION_FIELDS, ModelConfig, get_preset
 from model.sharding import MeshConfig, make_mesh
 from model.transformer import init_model
 from train import optimizer as opt
@@ -20,30 +20,20 @@ from train.data import DataConfig, make_dataset, open_source
 from train.metrics import MetricsWriter, peak_flops
 from train.parallel import create_sharded_state, jit_sharded, jit_train_step, put_batch, shard_state
 from train.step import StepConfig, create_train_state, lm_loss, make_train_step
-from train.tokenizer import HFTokenizer, SentencePieceTokenizer, train_sentencepiece
+from train.tokenizer import configured_tokenizer, train_sentencepiece
 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
   """The preset named by `model.preset` with `model_overrides` applied."""
-  overrides = dict(c.model_overrides)
-  if isinstance(overrides.get("yarn"), dict):
-    overrides["yarn"] = YarnConfig(**overrides["yarn"])
-  return get_preset(c.model.preset).replace(**overrides)
+  return get_preset(c.model.preset).replace(**dict(c.model_overrides))
 
 
 def build_tokenizer(c: ml_collections.ConfigDict, data_cfg: DataConfig, vocab_size: int, workdir: str):
   """Trains (once; later runs reuse DIR/tokenizer.model) or loads the configured tokenizer."""
   t = c.tokenizer
-  if t.kind == "sentencepiece":
-    return SentencePieceTokenizer(t.path)
-  if t.kind == "hf_json":
-    return HFTokenizer(t.path, bos_token=t.bos_token or None, eos_token=t.eos_token or None)
-  if t.kind != "train_sentencepiece":
-    raise ValueError(f"config.tokenizer.kind must be train_sentencepiece, sentencepiece or hf_json, "
-                     f"got {t.kind!r}")
   path = os.path.join(workdir, "tokenizer.model")
-  if os.path.exists(path):
-    return SentencePieceTokenizer(path)
+  if t.kind != "train_sentencepiece" or os.path.exists(path):
+    return configured_tokenizer(t, workdir)
   source = open_source(data_cfg)
   tokenizer = train_sentencepiece((source[i] for i in range(min(t.train_docs, len(source)))),
                                   vocab_size)

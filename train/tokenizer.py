@@ -82,18 +82,26 @@ def _special_token(value) -> str | None:
   return value.get("content") if isinstance(value, dict) else value
 
 
+def configured_tokenizer(t, workdir: str):
+  """The tokenizer a run config's `tokenizer` section names; a `train_sentencepiece` one is the
+  workdir's trained DIR/tokenizer.model (FileNotFoundError until it has been trained)."""
+  if t["kind"] == "sentencepiece":
+    return SentencePieceTokenizer(t["path"])
+  if t["kind"] == "hf_json":
+    return HFTokenizer(t["path"], bos_token=t["bos_token"] or None, eos_token=t["eos_token"] or None)
+  if t["kind"] != "train_sentencepiece":
+    raise ValueError(f"config.tokenizer.kind must be train_sentencepiece, sentencepiece or hf_json, "
+                     f"got {t['kind']!r}")
+  return SentencePieceTokenizer(os.path.join(workdir, "tokenizer.model"))
+
+
 def load_tokenizer(path: str):
   """The tokenizer that goes with a model directory: a workdir's (as its run_config.json says) or a
   HF directory's tokenizer.json (special tokens from tokenizer_config.json)."""
   run_config = os.path.join(path, "run_config.json")
   if os.path.exists(run_config):
     with open(run_config) as f:
-      t = json.load(f)["tokenizer"]
-    if t["kind"] == "train_sentencepiece":
-      return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"))
-    if t["kind"] == "sentencepiece":
-      return SentencePieceTokenizer(t["path"])
-    return HFTokenizer(t["path"], bos_token=t["bos_token"] or None, eos_token=t["eos_token"] or None)
+      return configured_tokenizer(json.load(f)["tokenizer"], path)
   tokenizer_json = os.path.join(path, "tokenizer.json")
   if not os.path.exists(tokenizer_json):
     raise FileNotFoundError(f"{path!r} has neither run_config.json (workdir) nor tokenizer.json (HF)")
