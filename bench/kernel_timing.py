@@ -22,13 +22,14 @@ import numpy as np
 from absl import app, flags
 
 from kernels.attention import attention
+from kernels.backend import on_accelerator
 from kernels.grouped_matmul import grouped_matmul
 
 _KERNELS = flags.DEFINE_list("kernels", ["attention", "gmm"], "Kernels to time.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per measurement (after one warm-up).")
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "fwd, and/or forward + backward.")
 
-ACCELERATOR = jax.default_backend() in ("tpu", "gpu")
+ACCELERATOR = on_accelerator()
 
 # (B, T, N, H, V): MLA head sizes on accelerators.
 ATTENTION_SHAPES = ([(1, 8192, 16, 192, 128), (2, 4096, 32, 192, 128), (4, 2048, 128, 192, 128)]

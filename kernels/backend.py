@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+
+
+def round_up(x: int, m: int) -> int:
+  """The least multiple of m that is >= x."""
+  return -(-x // m) * m
+
+
+def dot_f32(a, b):
+  """a @ b accumulated in float32 (the kernels' inner products)."""
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
 def on_accelerator() -> bool:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.backend import compiler_params
+from kernels.backend import compiler_params, dot_f32, round_up
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # Finite: exp(MASK - MASK) stays defined.
 SCHEDULES = ("loop", "grid")
@@ -57,14 +57,10 @@ def reference_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale: float, ca
   return out_BTNV.astype(v_BSNV.dtype)
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
 def _padded_head(size: int) -> int:
   """Triton wants power-of-two block dims (>= 16 for its dots); Mosaic wants 128 lanes."""
   if jax.default_backend() == "tpu":
-    return _round_up(size, 128)
+    return round_up(size, 128)
   return max(16, 1 << (size - 1).bit_length())
 
 
@@ -79,10 +75,6 @@ def _block_mask(q_seg_Q1, kv_seg_1K, q_start, kv_start, kv_len: int, causal: boo
   return mask
 
 
-def _dot(a, b):
-  return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
 def _kv_blocks(q_block, block_q: int, block_k: int, num_k: int, causal: bool):
   """Number of key blocks query block `q_block` needs (all of them unless causal)."""
   if not causal:
@@ -95,11 +87,11 @@ def _kv_blocks(q_block, block_q: int, block_k: int, num_k: int, causal: bool):
 def _forward_update(q_QH, k_KH, v_KV, mask_QK, scale, carry):
   """Online softmax: folds one key block into (acc [Q, V], running max [Q, 1], running sum)."""
   acc_QV, m_Q1, l_Q1 = carry
-  s_QK = jnp.where(mask_QK, _dot(q_QH, k_KH.T) * scale, MASK_VALUE)
+  s_QK = jnp.where(mask_QK, dot_f32(q_QH, k_KH.T) * scale, MASK_VALUE)
   m_new = jnp.maximum(m_Q1, jnp.max(s_QK, axis=1, keepdims=True))
   p_QK = jnp.where(mask_QK, jnp.exp(s_QK - m_new), 0.0)
   alpha = jnp.exp(m_Q1 - m_new)
-  return (alpha * acc_QV + _dot(p_QK.astype(v_KV.dtype), v_KV), m_new,
+  return (alpha * acc_QV + dot_f32(p_QK.astype(v_KV.dtype), v_KV), m_new,
           alpha * l_Q1 + jnp.sum(p_QK, axis=1, keepdims=True))
 
 
@@ -111,8 +103,8 @@ def _forward_finish(acc_QV, m_Q1, l_Q1):
 
 def _backward_scores(q_QH, k_KH, v_KV, do_QV, lse_Q1, delta_Q1, mask_QK, scale):
   """Recomputed probabilities p [Q, K] and the logits' gradient ds = p (dp - delta) * scale."""
-  p_QK = jnp.where(mask_QK, jnp.exp(_dot(q_QH, k_KH.T) * scale - lse_Q1), 0.0)
-  return p_QK, p_QK * (_dot(do_QV, v_KV.T) - delta_Q1) * scale
+  p_QK = jnp.where(mask_QK, jnp.exp(dot_f32(q_QH, k_KH.T) * scale - lse_Q1), 0.0)
+  return p_QK, p_QK * (dot_f32(do_QV, v_KV.T) - delta_Q1) * scale
 
 
 # "loop" schedule (GPU/Triton): a program per output block loops over the other sequence, read
@@ -153,8 +145,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, del
                        causal)
     p_QK, ds_QK = _backward_scores(q_QH, k_KH, v_KV, do_QV, lse_ref[rows, :],
                                    delta_ref[rows, :], mask, scale)
-    return (dk_KH + _dot(ds_QK.astype(q_QH.dtype).T, q_QH),
-            dv_KV + _dot(p_QK.astype(do_QV.dtype).T, do_QV))
+    return (dk_KH + dot_f32(ds_QK.astype(q_QH.dtype).T, q_QH),
+            dv_KV + dot_f32(p_QK.astype(do_QV.dtype).T, do_QV))
 
   first = (kv_block * block_k) // block_q if causal else 0
   carry = (jnp.zeros(k_KH.shape, jnp.float32), jnp.zeros(v_KV.shape, jnp.float32))
@@ -176,7 +168,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delt
                        causal)
     _, ds_QK = _backward_scores(q_QH, k_KH, v_ref[keys, :], do_QV, lse_ref[...], delta_ref[...],
                                 mask, scale)
-    return dq_QH + _dot(ds_QK.astype(k_KH.dtype), k_KH)
+    return dq_QH + dot_f32(ds_QK.astype(k_KH.dtype), k_KH)
 
   num_k = _kv_blocks(q_block, block_q, block_k, k_ref.shape[0] // block_k, causal)
   dq_QH = jax.lax.fori_loop(0, num_k, body, jnp.zeros(q_QH.shape, jnp.float32))
@@ -232,8 +224,8 @@ def _dkv_grid_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref
     mask = _block_mask(q_seg_ref[...], kv_seg_ref[...], i * block_q, j * block_k, kv_len, causal)
     p_QK, ds_QK = _backward_scores(q_QH, k_ref[...], v_ref[...], do_QV, lse_ref[...],
                                    delta_ref[...], mask, scale)
-    dk_acc_ref[...] += _dot(ds_QK.astype(q_QH.dtype).T, q_QH)
-    dv_acc_ref[...] += _dot(p_QK.astype(do_QV.dtype).T, do_QV)
+    dk_acc_ref[...] += dot_f32(ds_QK.astype(q_QH.dtype).T, q_QH)
+    dv_acc_ref[...] += dot_f32(p_QK.astype(do_QV.dtype).T, do_QV)
 
   @pl.when(i == pl.num_programs(3) - 1)
   def _():
@@ -256,7 +248,7 @@ def _dq_grid_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref,
     mask = _block_mask(q_seg_ref[...], kv_seg_ref[...], i * block_q, j * block_k, kv_len, causal)
     _, ds_QK = _backward_scores(q_ref[...], k_KH, v_ref[...], do_ref[...], lse_ref[...],
                                 delta_ref[...], mask, scale)
-    dq_acc_ref[...] += _dot(ds_QK.astype(k_KH.dtype), k_KH)
+    dq_acc_ref[...] += dot_f32(ds_QK.astype(k_KH.dtype), k_KH)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _():
@@ -269,7 +261,7 @@ class _Padded:
   def __init__(self, q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, block_q, block_k):
     t, s, h, v = q_BTNH.shape[1], k_BSNH.shape[1], q_BTNH.shape[-1], v_BSNV.shape[-1]
     self.t, self.s, self.h, self.v_size = t, s, h, v
-    self.t_pad, self.s_pad = _round_up(t, block_q), _round_up(s, block_k)
+    self.t_pad, self.s_pad = round_up(t, block_q), round_up(s, block_k)
     self.h_pad, self.v_pad = _padded_head(h), _padded_head(v)
     self.q = self.to_kernel(q_BTNH, self.t_pad, self.h_pad)
     self.k = self.to_kernel(k_BSNH, self.s_pad, self.h_pad)

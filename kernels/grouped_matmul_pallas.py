@@ -29,17 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.backend import compiler_params
+from kernels.backend import compiler_params, dot_f32, round_up
 
 DEFAULT_TILES = (128, 128, 128)  # (tm, tk, tn).
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _dot(a, b):
-  return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
 def _gmm_owned_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, *,
@@ -52,7 +44,7 @@ def _gmm_owned_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_re
   def group_body(g, acc_MN):
     def k_body(kk, part_MN):
       depth = pl.ds(kk * tk, tk)
-      return part_MN + _dot(lhs_ref[rows, depth], rhs_ref[g, depth, cols])
+      return part_MN + dot_f32(lhs_ref[rows, depth], rhs_ref[g, depth, cols])
 
     part_MN = jax.lax.fori_loop(0, lhs_ref.shape[1] // tk, k_body, jnp.zeros((tm, tn), jnp.float32))
     in_group = (row_M1 >= starts_ref[g]) & (row_M1 < ends_ref[g])
@@ -73,7 +65,7 @@ def _tgmm_owned_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, tm):
     rows = pl.ds(mt * tm, tm)
     row_M1 = mt * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
     lhs_MK = jnp.where((row_M1 >= start) & (row_M1 < end), lhs_ref[rows, depth], 0)
-    return acc_KN + _dot(lhs_MK.T, dout_ref[rows, cols])
+    return acc_KN + dot_f32(lhs_MK.T, dout_ref[rows, cols])
 
   first = start // tm
   stop = jnp.where(end > start, (end + tm - 1) // tm, first)
@@ -110,7 +102,7 @@ def _whole(shape):
 def _gmm_owned(lhs_MK, rhs_GKN, group_sizes_G, tiles, interpret):
   (m, k), (g, _, n) = lhs_MK.shape, rhs_GKN.shape
   tm, tk, tn = tiles
-  mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
+  mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
   starts, ends = _bounds(group_sizes_G)
   first, last = _tile_groups(ends, mp // tm, tm)
   lhs = _pad2(lhs_MK, mp, kp)
@@ -131,7 +123,7 @@ def _gmm_owned(lhs_MK, rhs_GKN, group_sizes_G, tiles, interpret):
 def _tgmm_owned(lhs_MK, dout_MN, group_sizes_G, tiles, out_dtype, interpret):
   (m, k), n, g = lhs_MK.shape, dout_MN.shape[1], group_sizes_G.shape[0]
   tm, tk, tn = tiles
-  mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
+  mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
   starts, ends = _bounds(group_sizes_G)
   out = pl.pallas_call(
       functools.partial(_tgmm_owned_kernel, tm=tm),
@@ -176,7 +168,7 @@ def _gmm_revisit_kernel(tile_ref, group_ref, valid_ref, starts_ref, ends_ref, lh
 
   @pl.when(valid)
   def _():
-    acc_ref[...] += _dot(lhs_ref[...], rhs_ref[...])
+    acc_ref[...] += dot_f32(lhs_ref[...], rhs_ref[...])
 
   @pl.when(valid & (kk == pl.num_programs(2) - 1))
   def _():
@@ -203,7 +195,7 @@ def _tgmm_revisit_kernel(tile_ref, group_ref, valid_ref, starts_ref, ends_ref, l
     row_M1 = tile * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
     in_group = (row_M1 >= starts_ref[g]) & (row_M1 < ends_ref[g])
     lhs_MK = jnp.where(in_group, lhs_ref[...], 0)
-    acc_ref[...] += _dot(lhs_MK.T, dout_ref[...])
+    acc_ref[...] += dot_f32(lhs_MK.T, dout_ref[...])
 
   @pl.when((w == last) | (group_ref[jnp.minimum(w + 1, last)] != g))
   def _():
@@ -226,7 +218,7 @@ def _revisit_call(kernel, grid, in_specs, out_spec, out_shape, scratch, semantic
 def _gmm_revisit(lhs_MK, rhs_GKN, group_sizes_G, tiles, interpret):
   (m, k), (g, _, n) = lhs_MK.shape, rhs_GKN.shape
   tm, tk, tn = tiles
-  mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
+  mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
   starts, ends = _bounds(group_sizes_G)
   items = _work_items(group_sizes_G, mp // tm, tm)
   call = _revisit_call(
@@ -245,7 +237,7 @@ def _gmm_revisit(lhs_MK, rhs_GKN, group_sizes_G, tiles, interpret):
 def _tgmm_revisit(lhs_MK, dout_MN, group_sizes_G, tiles, out_dtype, interpret):
   (m, k), n, g = lhs_MK.shape, dout_MN.shape[1], group_sizes_G.shape[0]
   tm, tk, tn = tiles
-  mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
+  mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
   starts, ends = _bounds(group_sizes_G)
   items = _work_items(group_sizes_G, mp // tm, tm)
   call = _revisit_call(

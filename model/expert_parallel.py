@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from kernels.backend import on_accelerator
 from kernels.grouped_matmul import grouped_matmul
 from model.sharding import logical_to_spec, spec_axes
 
@@ -134,7 +135,7 @@ def sharded_moe_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_E
   """
   if dispatch not in DISPATCHES:
     raise ValueError(f"sharded_moe_ffn: dispatch must be one of {DISPATCHES}, got {dispatch!r}")
-  native = jax.default_backend() in ("tpu", "gpu")
+  native = on_accelerator()
   if dispatch == "auto":
     dispatch = "ragged" if native else "all_to_all"
   collective = jax.lax.ragged_all_to_all if native else emulated_ragged_all_to_all

@@ -189,7 +189,8 @@ def param_axes(path: Sequence[str], ndim: int) -> tuple[Optional[str], ...]:
   return ("layers",) * extra + tuple(axes)
 
 
-def _dict_path(path) -> tuple[str, ...]:
+def dict_path(path) -> tuple[str, ...]:
+  """The dict keys along a pytree key path, as strings."""
   return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
@@ -201,7 +202,7 @@ def tree_specs(tree, mesh, param_paths: set):
   replicated.
   """
   def spec(path, leaf):
-    names = _dict_path(path)
+    names = dict_path(path)
     shape = getattr(leaf, "shape", ())
     suffix = next((names[i:] for i in range(len(names)) if names[i:] in param_paths), None)
     if suffix is None or not shape:

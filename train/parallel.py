@@ -22,8 +22,7 @@ from train.step import ModelTemplate, TrainState, create_train_state
 
 
 def _dict_paths(tree) -> set:
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return {tuple(str(k.key) for k in path) for path, _ in leaves}
+  return {sharding.dict_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
