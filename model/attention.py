@@ -21,12 +21,17 @@ def attention_mask(segment_ids_BT: jax.Array) -> jax.Array:
   return (causal_TS[None] & same_BTS)[:, None]
 
 
+def masked_softmax(logits_BNTS: jax.Array, mask_B1TS: jax.Array, dtype) -> jax.Array:
+  """Softmax over keys in float32 with masked positions excluded, cast to `dtype`."""
+  logits_BNTS = jnp.where(mask_B1TS, logits_BNTS.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits_BNTS, axis=-1).astype(dtype)
+
+
 def dot_product_attention(q_BTNH, k_BSNH, v_BSNV, mask_B1TS, scale: float) -> jax.Array:
   """Softmax(q k^T * scale) v with the softmax in float32; returns [B, T, N, V]."""
   logits_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH,
                            preferred_element_type=jnp.float32) * scale
-  logits_BNTS = jnp.where(mask_B1TS, logits_BNTS, jnp.finfo(jnp.float32).min)
-  probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BSNV.dtype)
+  probs_BNTS = masked_softmax(logits_BNTS, mask_B1TS, v_BSNV.dtype)
   return jnp.einsum("BNTS,BSNV->BTNV", probs_BNTS, v_BSNV)
 
 

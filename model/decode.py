@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.attention import MLAttention, dot_product_attention
+from model.attention import MLAttention, dot_product_attention, masked_softmax
 from model.config import ModelConfig
 from model.layers import compute_dtype
 from model.sharding import constrain
@@ -88,9 +88,7 @@ def absorbed_attention(attn: MLAttention, x_BTD, positions_BT, latent_BSR, k_rop
   f32 = dict(preferred_element_type=jnp.float32)  # Scores in float32, as the training path.
   logits_BNTS = (jnp.einsum("BTNR,BSR->BNTS", q_latent_BTNR, latent_BSR.astype(dt), **f32)
                  + jnp.einsum("BTNP,BSP->BNTS", q_rope, k_rope_BSP.astype(dt), **f32))
-  logits_BNTS = logits_BNTS * cfg.softmax_scale
-  logits_BNTS = jnp.where(mask_B1TS, logits_BNTS, jnp.finfo(jnp.float32).min)
-  probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(dt)
+  probs_BNTS = masked_softmax(logits_BNTS * cfg.softmax_scale, mask_B1TS, dt)
   context_BTNR = jnp.einsum("BNTS,BSR->BTNR", probs_BNTS, latent_BSR.astype(dt))
   return attn.o(jnp.einsum("BTNR,RNV->BTNV", context_BTNR, w_v_RNV))
 
