@@ -20,7 +20,7 @@ from flax import nnx
 
 from model.decode import Cache, decode_step, prefill
 from model.sampling import SamplingConfig, sample_logits
-from model.transformer import Transformer
+from model.transformer import Transformer, inference_model
 
 
 class Generation(NamedTuple):
@@ -107,7 +107,9 @@ jitted_decode_step = nnx.jit(decode_step, donate_argnames=("cache",))
 
 def generate(model: Transformer, tokens_BT, lengths_B, key, sampling: SamplingConfig,
              cache_kind: str = "latent") -> Generation:
-  """Continuations of right-padded prompts (row b: `lengths[b]` tokens), all rows at once."""
+  """Continuations of right-padded prompts (row b: `lengths[b]` tokens), all rows at once (MoE
+  dropless, whatever the training capacity factor)."""
+  model = inference_model(model)
   max_len = _check_length(model, tokens_BT.shape[1], sampling)
   logits, cache = jitted_prefill(model, tokens_BT, lengths_B, max_len=max_len, kind=cache_kind)
   return decode_loop(model, cache, logits, key, sampling)[0]
@@ -116,6 +118,7 @@ def generate(model: Transformer, tokens_BT, lengths_B, key, sampling: SamplingCo
 def stream(model: Transformer, prompt: Sequence[int], key, sampling: SamplingConfig,
            cache_kind: str = "latent") -> Iterator[int]:
   """Yields the tokens of one prompt's continuation as each is decoded (stop token included)."""
+  model = inference_model(model)
   tokens_BT, lengths_B = pad_prompts([prompt])
   max_len = _check_length(model, tokens_BT.shape[1], sampling)
   logits, cache = jitted_prefill(model, tokens_BT, lengths_B, max_len=max_len, kind=cache_kind)

@@ -26,6 +26,8 @@ class ModelOutput(NamedTuple):
   logits: jax.Array  # [B, T, Y] float32.
   mtp_logits: Optional[jax.Array]  # [depth, B, T, Y] float32: depth d predicts token t + 1 + d.
   router: Optional[RouterStats]  # Stacked over MoE layers: main-model layers first, then MTP blocks.
+  hidden: Optional[jax.Array] = None  # [B, T, D] final hidden states (after the final norm): what
+  # reward and value heads read.
 
 
 class Block(nnx.Module):
@@ -153,7 +155,8 @@ class Transformer(nnx.Module):
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones((b, t), jnp.int32)
     h, stats = self.blocks(self.embed(tokens_BT), positions_BT, segment_ids_BT)
-    logits = self.output_logits(self.final_norm(h))
+    hidden_BTD = self.final_norm(h)
+    logits = self.output_logits(hidden_BTD)
     mtp_logits, all_stats = [], [stats]
     for depth, module in enumerate(self.mtp, start=1):
       next_tokens = jnp.pad(tokens_BT[:, depth:], ((0, 0), (0, depth)))
@@ -164,7 +167,24 @@ class Transformer(nnx.Module):
     return ModelOutput(
         logits=logits,
         mtp_logits=jnp.stack(mtp_logits) if mtp_logits else None,
-        router=_concat_stats(all_stats))
+        router=_concat_stats(all_stats),
+        hidden=hidden_BTD)
+
+
+def with_config(model: Transformer, cfg: ModelConfig) -> Transformer:
+  """`model`'s weights under `cfg`, a config with the same weight shapes (another dtype, remat,
+  kernel, capacity factor): the arrays are shared, not copied."""
+  from model.params import abstract_model  # Deferred: params imports this module.
+  graphdef = nnx.graphdef(abstract_model(cfg))
+  return nnx.merge(graphdef, nnx.state(model))
+
+
+def inference_model(model: Transformer) -> Transformer:
+  """The model as generation and evaluation run it: dropless MoE (a capacity limit would make a
+  token's output depend on the other tokens of the batch)."""
+  if model.cfg.capacity_factor is None:
+    return model
+  return with_config(model, model.cfg.replace(capacity_factor=None))
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

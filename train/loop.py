@@ -1,4 +1,7 @@
-"""The pre-training run: build or resume everything from a config, then step, log, evaluate, save."""
+"""The one training loop: build or resume everything from a stage and a run config, then step, log,
+evaluate, save. Pre-training is one stage (`pretrain_stage`); SFT, reward modelling, DPO and RL
+supply theirs from `posttrain/`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import dataclasses
 import math
 import os
 import time
+from typing import Any, Callable, Iterable, Optional
 
 import jax
 import ml_collections
@@ -13,14 +17,53 @@ import numpy as np
 
 from model.config import EXECUTION_FIELDS, ModelConfig, get_preset
 from model.sharding import MeshConfig, make_mesh
-from model.transformer import init_model
+from model.transformer import Transformer, init_model, with_config
 from train import optimizer as opt
 from train.checkpoint import Checkpointer, check_run_config, load_model
 from train.data import DataConfig, make_dataset, open_source
 from train.metrics import MetricsWriter, peak_flops
-from train.parallel import create_sharded_state, jit_sharded, jit_train_step, put_batch, shard_state
-from train.step import StepConfig, create_train_state, lm_loss, make_train_step
+from train.parallel import (create_sharded_state, jit_sharded, jit_train_step, param_shardings,
+                            put_batch, shard_state)
+from train.step import StepConfig, create_train_state, make_train_step, pretrain_loss
 from train.tokenizer import configured_tokenizer, train_sentencepiece
+
+
+@dataclasses.dataclass
+class Stage:
+  """What a training stage supplies to `run`; everything else (state, step, checkpoints, guard,
+  metrics, resume) is shared."""
+
+  name: str
+  cfg: ModelConfig  # The run's model config.
+  run_config: dict  # The stage's settings, recorded in DIR/run_config.json and checked on resume.
+  batches: Any  # Resumable iterator of host batches (get_state / set_state), global batch_size rows.
+  batch_size: int
+  tokens_per_batch: int  # For tokens/s and MFU.
+  loss_fn: Optional[Callable] = None  # (model, batch, frozen, step) -> (sum, weight, aux).
+  initial_model: Optional[Callable[[], Transformer]] = None  # None: fresh, born sharded.
+  frozen: Any = None  # Parameter trees the loss reads but nothing trains (checkpointed by path).
+  trainable: Optional[Callable[[Transformer], Any]] = None  # model -> trained tree (LoRA).
+  model_params: Optional[Callable] = None  # (trained, frozen) -> the model's parameters.
+  eval_batches: Optional[Callable[[], Iterable[dict]]] = None  # Held-out batches, for eval_loss.
+  flops_per_token: float = 0.0
+
+
+def config_differences(saved: ModelConfig, wanted: ModelConfig, ignore=EXECUTION_FIELDS) -> list:
+  """'field: checkpoint X, run Y' for every weight-shaping field where the two configs differ."""
+  return [f"{f.name}: checkpoint {getattr(saved, f.name)!r}, run {getattr(wanted, f.name)!r}"
+          for f in dataclasses.fields(ModelConfig)
+          if f.name not in ignore and getattr(saved, f.name) != getattr(wanted, f.name)]
+
+
+def load_for_run(path: str, cfg: ModelConfig) -> Transformer:
+  """The weights of a workdir or HF directory under the run's config `cfg` (its dtype, remat and
+  kernels); a ValueError names every weight-shaping field that differs, with both values."""
+  model = load_model(path)
+  differences = config_differences(model.cfg, cfg)
+  if differences:
+    raise ValueError(f"config.init_from {path!r}: its model config does not match the run's ("
+                     + "; ".join(differences) + "); set config.model_overrides to the checkpoint's")
+  return with_config(model, cfg)
 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
@@ -43,47 +86,73 @@ def build_tokenizer(c: ml_collections.ConfigDict, data_cfg: DataConfig, vocab_si
 
 
 def _initial_model(c, cfg: ModelConfig):
-  """A fresh model, or the weights of `init_from` (a HF directory or a workdir) for `cfg`."""
+  """A fresh model, or the weights of `init_from` (a HF directory or a workdir) under `cfg`."""
   if not c.init_from:
     return init_model(cfg, seed=c.seed)
-  model = load_model(c.init_from)
-  if not model.cfg.same_weights_as(cfg):
-    raise ValueError(f"config.init_from {c.init_from!r}: its model config does not match the "
-                     "run's; set config.model_overrides to the checkpoint's shapes")
-  return model
+  return load_for_run(c.init_from, cfg)
 
 
-def _run_model_fields(cfg: ModelConfig) -> dict:
+def run_model_fields(cfg: ModelConfig) -> dict:
   """The model fields a resumed run must keep: all but the kernel and remat choices (the dtype
   stays: it changes the losses)."""
   return {k: v for k, v in dataclasses.asdict(cfg).items()
           if k == "dtype" or k not in EXECUTION_FIELDS}
 
 
-def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """Runs (or resumes) pre-training; returns the logged metrics rows of this invocation."""
+def pretrain_stage(c: ml_collections.ConfigDict, workdir: str) -> Stage:
+  """Next-token (+ MTP) prediction over packed documents of the configured corpus."""
   os.makedirs(workdir, exist_ok=True)
   cfg = model_config(c)
   data_cfg = DataConfig(**dict(c.data))
-  opt_cfg = opt.OptimizerConfig(total_steps=c.total_steps, **dict(c.optimizer))
-  step_cfg = StepConfig(**dict(c.step))
-  check_run_config(workdir, dict(
-      model=_run_model_fields(cfg), data=dataclasses.asdict(data_cfg),
-      tokenizer=dict(c.tokenizer), optimizer=dataclasses.asdict(opt_cfg),
-      step=dataclasses.asdict(step_cfg), seed=c.seed, init_from=c.init_from))
+  run_config = dict(model=run_model_fields(cfg), data=dataclasses.asdict(data_cfg),
+                    tokenizer=dict(c.tokenizer), init_from=c.init_from)
+  check_run_config(workdir, dict(run_config, **_loop_fields(c)))
   tokenizer = build_tokenizer(c, data_cfg, cfg.vocab_size, workdir)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but "
                      f"config.model_overrides.vocab_size is {cfg.vocab_size}")
+  shard = (jax.process_index(), jax.process_count())
+  return Stage(
+      name="pretrain", cfg=cfg, run_config=run_config,
+      batches=iter(make_dataset(data_cfg, tokenizer, "train", *shard)),
+      batch_size=data_cfg.batch_size, tokens_per_batch=data_cfg.batch_size * data_cfg.seq_len,
+      initial_model=(lambda: _initial_model(c, cfg)) if c.init_from else None,
+      eval_batches=lambda: make_dataset(data_cfg, tokenizer, "eval", *shard),
+      flops_per_token=cfg.flops_per_token(data_cfg.seq_len))
 
+
+def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Runs (or resumes) pre-training; returns the logged metrics rows of this invocation."""
+  return run(pretrain_stage(c, workdir), c, workdir)
+
+
+def _loop_fields(c) -> dict:
+  """The run-config fields every stage shares (recorded beside the stage's own)."""
+  opt_cfg = opt.OptimizerConfig(total_steps=c.total_steps, **dict(c.optimizer))
+  return dict(optimizer=dataclasses.asdict(opt_cfg), step=dataclasses.asdict(StepConfig(**dict(c.step))),
+              seed=c.seed)
+
+
+def run(stage: Stage, c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Trains `stage` to `c.total_steps` (resuming from DIR/checkpoints); returns this invocation's
+  logged metrics rows. `c` gives the optimizer, step, mesh, schedule and logging fields."""
+  os.makedirs(workdir, exist_ok=True)
+  check_run_config(workdir, dict(stage.run_config, **_loop_fields(c)))
+  opt_cfg = opt.OptimizerConfig(total_steps=c.total_steps, **dict(c.optimizer))
+  step_cfg = StepConfig(**dict(c.step))
   tx = opt.make_optimizer(opt_cfg)
   mesh = make_mesh(MeshConfig(**dict(c.mesh)))
-  if c.init_from:  # Loaded on the host, then laid out on the mesh.
-    template, state = create_train_state(_initial_model(c, cfg), tx, step_cfg.spike_window)
+  if stage.initial_model is not None:  # Loaded on the host, then laid out on the mesh.
+    model = stage.initial_model()
+    trained = stage.trainable(model) if stage.trainable is not None else None
+    template, state = create_train_state(model, tx, step_cfg.spike_window, params=trained)
     state, shardings = shard_state(state, mesh)
   else:  # Born sharded: no host holds the whole state.
-    template, state, shardings = create_sharded_state(cfg, tx, mesh, c.seed, step_cfg.spike_window)
-  data = iter(make_dataset(data_cfg, tokenizer, "train", jax.process_index(), jax.process_count()))
+    template, state, shardings = create_sharded_state(stage.cfg, tx, mesh, c.seed,
+                                                      step_cfg.spike_window)
+  frozen_shardings = param_shardings(stage.frozen if stage.frozen is not None else {}, mesh)
+  frozen = jax.device_put(stage.frozen if stage.frozen is not None else {}, frozen_shardings)
+  data = stage.batches
   ckpt = Checkpointer(workdir, c.checkpoint_every, c.keep_checkpoints)
   start = ckpt.latest_step()
   if start is not None:
@@ -92,19 +161,22 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     print(f"resumed from {workdir}/checkpoints step {start}", flush=True)
 
   lr = opt.learning_rate(opt_cfg)
-  train_step = jit_train_step(make_train_step(template, tx, step_cfg, lr), shardings, mesh,
-                              data_cfg.batch_size)
-  eval_loss = jit_sharded(
-      lambda params, extra, batch: lm_loss(template.merge(params, extra), batch, 0.0, 0.0)[1]["loss"],
-      mesh, None, None)
+  train_step = jit_train_step(
+      make_train_step(template, tx, step_cfg, lr, stage.loss_fn, stage.model_params), shardings,
+      mesh, stage.batch_size, frozen_shardings)
+  loss_fn = stage.loss_fn or pretrain_loss(step_cfg)
 
-  tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
+  def held_out(params, extra, frozen, batch):
+    full = params if stage.model_params is None else stage.model_params(params, frozen)
+    _, weight, aux = loss_fn(template.merge(full, extra), batch, frozen, 0)
+    return aux["sums"]["loss"], weight
+  eval_loss = jit_sharded(held_out, mesh, None, None)
+
   peak, peak_source = peak_flops(c.peak_flops)
-  flops_per_token = cfg.flops_per_token(data_cfg.seq_len)
   writer = MetricsWriter(workdir, c.total_steps, enabled=jax.process_index() == 0)
   rows, step, tick, restores = [], int(state.step), time.perf_counter(), 0
   while step < c.total_steps:
-    state, metrics = train_step(state, put_batch(next(data), mesh, data_cfg.batch_size))
+    state, metrics = train_step(state, put_batch(next(data), mesh, stage.batch_size), frozen)
     step += 1
     if c.max_bad_steps and int(metrics["bad_streak"]) >= c.max_bad_steps:
       good = ckpt.latest_step()
@@ -123,11 +195,12 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - tick
       logged = step - (rows[-1]["step"] if rows else (start or 0))
-      tps = tokens_per_step * logged / elapsed
-      row = dict(metrics, tokens_per_sec=tps, mfu=flops_per_token * tps / peak,
+      tps = stage.tokens_per_batch * logged / elapsed
+      row = dict(metrics, tokens_per_sec=tps, mfu=stage.flops_per_token * tps / peak,
                  peak_flops_source=peak_source)
-      if c.eval_every and (step % c.eval_every == 0 or step == c.total_steps):
-        row["eval_loss"] = _evaluate(eval_loss, state, data_cfg, tokenizer, c.eval_batches, mesh)
+      if (stage.eval_batches is not None and c.eval_every
+          and (step % c.eval_every == 0 or step == c.total_steps)):
+        row["eval_loss"] = _evaluate(eval_loss, state, frozen, stage, c.eval_batches, mesh)
         row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
       writer.write(step, row)
       rows.append(dict(row, step=step))
@@ -142,15 +215,14 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   return rows
 
 
-def _evaluate(eval_loss, state, data_cfg, tokenizer, batches: int, mesh) -> float:
-  """Mean next-token loss over the first `batches` held-out batches."""
-  losses = []
-  for i, batch in enumerate(make_dataset(data_cfg, tokenizer, "eval", jax.process_index(),
-                                         jax.process_count())):
+def _evaluate(eval_loss, state, frozen, stage: Stage, batches: int, mesh) -> float:
+  """The weighted mean held-out loss over the first `batches` full held-out batches."""
+  total = weight = 0.0
+  for i, batch in enumerate(stage.eval_batches()):
     if i == batches:
       break
-    if batch["inputs"].shape[0] * jax.process_count() != data_cfg.batch_size:
+    if len(next(iter(batch.values()))) * jax.process_count() != stage.batch_size:
       break  # The last, partial batch would compile another shape.
-    losses.append(float(eval_loss(state.params, state.extra,
-                                  put_batch(batch, mesh, data_cfg.batch_size))))
-  return float(np.mean(losses)) if losses else float("nan")
+    s, w = eval_loss(state.params, state.extra, frozen, put_batch(batch, mesh, stage.batch_size))
+    total, weight = total + float(s), weight + float(w)
+  return total / weight if weight else float("nan")

@@ -22,7 +22,16 @@ from train.step import ModelTemplate, TrainState, create_train_state
 
 
 def _dict_paths(tree) -> set:
-  return {sharding.dict_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+  """Dict paths of the leaves that are model parameters by the table (LoRA adapters, which are
+  not, stay replicated: they are small)."""
+  paths = set()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    try:
+      sharding.param_axes(sharding.dict_path(path), len(getattr(leaf, "shape", ())))
+    except (KeyError, ValueError):
+      continue
+    paths.add(sharding.dict_path(path))
+  return paths
 
 
 def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
@@ -32,6 +41,12 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
 
 
 INITS = ("auto", "flat", "modules")
+
+
+def param_shardings(tree, mesh: Mesh):
+  """NamedShardings for a frozen parameter tree (reference policy, reward model, LoRA base):
+  laid out like the policy's parameters."""
+  return sharding.tree_shardings(tree, mesh, _dict_paths(tree))
 
 
 def create_sharded_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
@@ -96,8 +111,12 @@ def jit_sharded(fn, mesh: Mesh, in_shardings, out_shardings, donate_argnums=()):
   return call
 
 
-def jit_train_step(train_step, shardings: TrainState, mesh: Mesh, global_batch: int):
-  """`train_step(state, batch)` jitted with state and batch shardings, replicated metrics and the
-  state donated."""
-  return jit_sharded(train_step, mesh, (shardings, batch_sharding(mesh, global_batch)),
-                     (shardings, NamedSharding(mesh, P())), donate_argnums=0)
+def jit_train_step(train_step, shardings: TrainState, mesh: Mesh, global_batch: int,
+                   frozen_shardings=None):
+  """`train_step(state, batch[, frozen])` jitted with state, batch (and frozen-tree) shardings,
+  replicated metrics and the state donated."""
+  ins = (shardings, batch_sharding(mesh, global_batch))
+  if frozen_shardings is not None:
+    ins = ins + (frozen_shardings,)
+  return jit_sharded(train_step, mesh, ins, (shardings, NamedSharding(mesh, P())),
+                     donate_argnums=0)

@@ -1,8 +1,16 @@
-"""The train state and the pure train step shared by every training phase.
+"""The train state and the pure train step shared by every training stage.
 
-`train_step(state, batch) -> (state, metrics)`: gradient accumulation over micro-batches, the
-language-model loss with multi-token prediction and the sequence-wise balance loss, a skip for
-non-finite updates, and DeepSeek-V3's auxiliary-loss-free router-bias update outside the gradient.
+`train_step(state, batch, frozen) -> (state, metrics)`: gradient accumulation over micro-batches of
+a stage's loss, a skip for non-finite updates and loss spikes, and DeepSeek-V3's auxiliary-loss-free
+router-bias update outside the gradient (for every stage whose model routes).
+
+One loss convention for every stage: `loss_fn(model, batch, frozen, step)` returns
+`(loss_sum, weight, aux)`, a sum and the weight it is a sum over (tokens, sequences or pairs).
+`aux["sums"]` are metric sums over the same weight (reported divided by it); `aux["totals"]` are
+counts reported as they are (`load` [L, E] feeds the router-bias update). Accumulation adds sums
+and weights over micro-batches and divides once, so a masked batch split into micro-batches gives
+the gradient of the whole batch. `frozen` holds parameter trees that are not trained (a reference
+policy, a reward model, LoRA's base weights): step arguments with their own shardings.
 """
 
 from __future__ import annotations
@@ -80,10 +88,14 @@ class ModelTemplate:
 
 
 def create_train_state(model: Transformer, optimizer: optax.GradientTransformation,
-                       spike_window: int = 32):
-  """(template, state) for `model`: parameters, router biases and a fresh optimizer state."""
+                       spike_window: int = 32, params: Any = None):
+  """(template, state) for `model`: parameters, router biases and a fresh optimizer state.
+
+  `params`: what is trained, when not the model's own parameters (LoRA adapters).
+  """
   template = ModelTemplate(model)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  if params is None:
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   extra = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, extra=extra,
                      opt_state=optimizer.init(params), skipped=jnp.zeros((), jnp.int32),
@@ -93,12 +105,19 @@ def create_train_state(model: Transformer, optimizer: optax.GradientTransformati
   return template, state
 
 
+def router_totals(out) -> dict:
+  """The router's per-layer expert load [L, E] and dropped assignments, or {} for a dense model."""
+  if out.router is None:
+    return {}
+  return dict(load=out.router.tokens_per_expert, dropped=out.router.dropped.sum())
+
+
 def lm_loss(model: Transformer, batch: dict, mtp_weight, balance_weight):
-  """Next-token loss + mtp_weight x mean MTP loss + balance_weight x mean balance loss."""
+  """Next-token loss over `loss_mask` tokens + mtp_weight x mean MTP loss + balance_weight x
+  balance loss, as (loss_sum, tokens, aux): per token, the DeepSeek-V3 objective."""
   out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
   weights = batch["loss_mask"].astype(jnp.float32)
   ce_sum, count = token_cross_entropy(out.logits, batch["targets"], weights)
-  main = mean_or_zero(ce_sum, count)
   mtp = jnp.zeros((), jnp.float32)
   if out.mtp_logits is not None:
     for d in range(out.mtp_logits.shape[0]):
@@ -106,11 +125,17 @@ def lm_loss(model: Transformer, batch: dict, mtp_weight, balance_weight):
       mtp += mean_or_zero(*token_cross_entropy(out.mtp_logits[d], targets, w))
     mtp /= out.mtp_logits.shape[0]
   balance = out.router.balance_loss.mean() if out.router is not None else jnp.zeros(())
-  total = main + mtp_weight * mtp + balance_weight * balance
-  load = out.router.tokens_per_expert if out.router is not None else None
-  dropped = out.router.dropped.sum() if out.router is not None else jnp.zeros((), jnp.int32)
-  return total, dict(loss=main, mtp_loss=mtp, balance_loss=balance, load=load, dropped=dropped,
-                     tokens=count)
+  loss_sum = ce_sum + count * (mtp_weight * mtp + balance_weight * balance)
+  sums = dict(loss=ce_sum, mtp_loss=mtp * count, balance_loss=balance * count)
+  return loss_sum, count, dict(sums=sums, totals=dict(tokens=count, **router_totals(out)))
+
+
+def pretrain_loss(cfg: "StepConfig"):
+  """The language-model loss as a stage loss_fn, with the step's MTP-weight schedule."""
+  def loss_fn(model, batch, frozen, step):
+    del frozen
+    return lm_loss(model, batch, mtp_weight_at(cfg, step), cfg.balance_weight)
+  return loss_fn
 
 
 def router_bias_update(extra: dict, load_LE: jax.Array, gamma) -> dict:
@@ -148,16 +173,25 @@ def loss_spike(state: TrainState, loss, cfg: StepConfig):
 
 
 def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransformation,
-                    cfg: StepConfig, learning_rate: Callable | None = None):
-  """The pure `train_step(state, batch) -> (state, metrics)`; jit it with donated state."""
+                    cfg: StepConfig, learning_rate: Callable | None = None,
+                    loss_fn: Callable | None = None, model_params: Callable | None = None):
+  """The pure `train_step(state, batch, frozen=None) -> (state, metrics)`; jit it with donated
+  state.
 
-  def loss_fn(params, extra, micro, step):
-    model = template.merge(params, extra)
-    return lm_loss(model, micro, mtp_weight_at(cfg, step), cfg.balance_weight)
+  `loss_fn(model, batch, frozen, step) -> (loss_sum, weight, aux)` (default: the pre-training
+  loss); `model_params(trained, frozen)` builds the model's parameters from the trained ones
+  (default: they are the model's parameters; LoRA adds adapters to frozen base weights).
+  """
+  loss_fn = pretrain_loss(cfg) if loss_fn is None else loss_fn
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  def objective(params, extra, frozen, micro, step):
+    full = params if model_params is None else model_params(params, frozen)
+    loss_sum, weight, aux = loss_fn(template.merge(full, extra), micro, frozen, step)
+    return loss_sum, (weight, aux)
 
-  def train_step(state: TrainState, batch: dict):
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict, frozen: Any = None):
     m = cfg.microbatches
     # Contiguous micro-batches; on a mesh each is spread over every device (a cheap reshuffle of
     # the token ids), not held by 1/m of them.
@@ -165,15 +199,19 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
                                              "batch", *(None,) * (x.ndim - 1)), batch)
 
     def accumulate(carry, mb):
-      (loss, aux), grads = grad_fn(state.params, state.extra, mb, state.step)
-      return jax.tree.map(jnp.add, carry, (grads, aux)), None
+      (_, (weight, aux)), grads = grad_fn(state.params, state.extra, frozen, mb, state.step)
+      return jax.tree.map(jnp.add, carry, (grads, weight, aux)), None
 
-    zeros = jax.eval_shape(lambda: grad_fn(state.params, state.extra,
-                                           jax.tree.map(lambda x: x[0], micro), state.step))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
-    (grads, aux), _ = jax.lax.scan(accumulate, zeros, micro)
-    grads = jax.tree.map(lambda g: g / m, grads)
-    means = {k: aux[k] / m for k in ("loss", "mtp_loss", "balance_loss")}
+    shapes = jax.eval_shape(lambda: grad_fn(state.params, state.extra, frozen,
+                                            jax.tree.map(lambda x: x[0], micro), state.step))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         (shapes[1], shapes[0][1][0], shapes[0][1][1]))
+    (grads, weight, aux), _ = jax.lax.scan(accumulate, zeros, micro)
+    denominator = jnp.maximum(weight, 1e-9)  # An all-masked batch has zero gradient, not NaN.
+    grads = jax.tree.map(lambda g: g / denominator, grads)
+    means = {k: v / denominator for k, v in aux["sums"].items()}
+    totals = dict(aux["totals"])
+    load, dropped = totals.pop("load", None), totals.pop("dropped", None)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(means["loss"]) & jnp.isfinite(grad_norm)
     spike = loss_spike(state, means["loss"], cfg)
@@ -183,12 +221,13 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     extra = state.extra
     bad_streak = jnp.where(ok, 0, state.bad_streak + 1)
-    metrics = dict(**means, grad_norm=grad_norm, skipped=state.skipped + (~ok).astype(jnp.int32),
-                   loss_spike=spike, bad_streak=bad_streak, tokens=aux["tokens"])
-    if aux["load"] is not None:
-      extra = keep(router_bias_update(state.extra, aux["load"], bias_gamma_at(cfg, state.step)),
+    metrics = dict(**means, **totals, grad_norm=grad_norm,
+                   skipped=state.skipped + (~ok).astype(jnp.int32), loss_spike=spike,
+                   bad_streak=bad_streak)
+    if load is not None:
+      extra = keep(router_bias_update(state.extra, load, bias_gamma_at(cfg, state.step)),
                    state.extra)
-      metrics.update(expert_load_metrics(aux["load"]), dropped_tokens=aux["dropped"])
+      metrics.update(expert_load_metrics(load), dropped_tokens=dropped)
     if learning_rate is not None:
       metrics["lr"] = learning_rate(state.step)
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params), extra=extra,
