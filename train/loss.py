@@ -28,3 +28,19 @@ def mtp_targets(targets_BT, segment_ids_BT, weights_BT, depth: int):
 
 def mean_or_zero(total, count):
   return total / jnp.maximum(count, 1.0)
+
+
+def sequence_logprobs(model, tokens_BT, mask_BT, positions_BT=None, segment_ids_BT=None,
+                      temperature: float = 1.0):
+  """Log-probabilities of `tokens` under `model`: (per token [B, T], per-sequence sum [B]).
+
+  Entry t is log p(tokens[t] | tokens[:t]) at `temperature` where mask[t] is set, else 0 (the
+  first token has no prediction and is always 0). The one log-prob function of every stage: SFT
+  metrics, DPO, PPO, GRPO and the AI-feedback judge.
+  """
+  out = model(tokens_BT, positions_BT, segment_ids_BT)
+  logits_BTY = out.logits[:, :-1].astype(jnp.float32) / temperature
+  picked_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTY, axis=-1),
+                                  tokens_BT[:, 1:, None], axis=-1)[..., 0]
+  per_token_BT = jnp.pad(picked_BT, ((0, 0), (1, 0))) * mask_BT.astype(jnp.float32).at[:, 0].set(0)
+  return per_token_BT, per_token_BT.sum(-1)
