@@ -41,6 +41,11 @@ class SentencePieceTokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
 
+  def piece_id(self, piece: str) -> int | None:
+    """The id of the vocabulary piece `piece` (exactly that piece), or None if there is none."""
+    i = self._sp.piece_to_id(piece)
+    return i if 0 <= i < self.vocab_size and self._sp.id_to_piece(i) == piece else None
+
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> SentencePieceTokenizer:
   """Trains a byte-fallback BPE SentencePiece model on `texts` (digits split, whitespace kept)."""
@@ -63,6 +68,7 @@ class HFTokenizer:
       raise ImportError("HFTokenizer needs the `tokenizers` package (the `hf` extra)") from e
     if not os.path.exists(path):
       raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
+    self.path = path
     self._tok = _Tokenizer.from_file(path)
     self.vocab_size = self._tok.get_vocab_size()
     lookup = lambda token, default: self._tok.token_to_id(token) if token else default
@@ -75,6 +81,10 @@ class HFTokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in ids])
+
+  def piece_id(self, piece: str) -> int | None:
+    """The id of the vocabulary token (or added token) `piece`, or None if there is none."""
+    return self._tok.token_to_id(piece)
 
 
 def _special_token(value) -> str | None:
