@@ -10,11 +10,14 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2", "flax>=0.12", "optax", "orbax-checkpoint", "chex", "grain", "sentencepiece",
-        "absl-py", "ml_collections", "numpy", "ml_dtypes", "pyarrow", "tensorboardX",
+        "absl-py", "ml_collections", "numpy", "ml_dtypes", "pyarrow", "tensorboardX", "math-verify",
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest"],
         # torch pinned: this version installs as a CPU build here; an unpinned torch pulls CUDA.
         "hf": ["torch==2.13.0", "transformers>=5.0", "safetensors"],
+        # Benchmark peers only (bench/posttrain_step.py), never needed by the tests.
+        "peers": ["trl"],
     },
 )

@@ -8,10 +8,11 @@ their tests. Document i depends only on (seed, i), so the corpus is a random-acc
 from __future__ import annotations
 
 import random
+import zlib
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
-_FUNCTIONS = [
+FUNCTIONS = [  # (name, args, body, sample inputs, reference): also the program task.
     ("add", "a, b", "return a + b", lambda r: (r.randint(0, 99), r.randint(0, 99)), lambda a, b: a + b),
     ("square", "x", "return x * x", lambda r: (r.randint(-20, 20),), lambda x: x * x),
     ("maximum", "a, b", "return a if a > b else b", lambda r: (r.randint(0, 99), r.randint(0, 99)),
@@ -24,6 +25,54 @@ _FUNCTIONS = [
 ]
 
 
+HELD_OUT_PERCENT = 20  # Of problem keys: post-training evaluation only, never in the corpus.
+
+
+def is_held_out(key: str) -> bool:
+  """Whether the problem with canonical `key` belongs to the held-out split (a crc32 hash of the
+  key, so every process agrees); the corpus never contains a held-out problem."""
+  return zlib.crc32(key.encode("utf-8")) % 100 < HELD_OUT_PERCENT
+
+
+def calculation_key(expression: str) -> str:
+  """The canonical key of a multi-step calculation, e.g. 'calc:(3 + 4) * 2'."""
+  return f"calc:{expression}"
+
+
+def countdown_key(numbers, target: int) -> str:
+  """The canonical key of a countdown puzzle: its numbers (sorted) and target."""
+  return f"countdown:{sorted(numbers)}:{target}"
+
+
+def calculation_steps(value: int, ops) -> tuple[str, list[tuple[int, str, int, int]], int]:
+  """(expression, [(left, op, operand, result) per step], final value) of the chain that starts at
+  `value` and applies each (op, operand) in `ops` to the running result."""
+  expr, steps = str(value), []
+  for op, operand in ops:
+    new = _OPS[op](value, operand)
+    steps.append((value, op, operand, new))
+    expr, value = f"({expr} {op} {operand})", new
+  return (expr[1:-1] if expr.startswith("(") else expr), steps, value
+
+
+def random_chain(r: random.Random, num_steps: int, start_max: int = 20, operand_max: int = 20):
+  """A random (start value, [(op, operand)...]) chain of `num_steps` operations."""
+  start = r.randint(1, start_max)
+  ops = []
+  for _ in range(num_steps):
+    op = r.choice(list(_OPS))
+    ops.append((op, r.randint(1, 9 if op == "*" else operand_max)))
+  return start, ops
+
+
+def random_countdown(r: random.Random, count: int, number_max: int = 12):
+  """(numbers, [ops between them], target, expression) combined left to right."""
+  numbers = [r.randint(1, number_max) for _ in range(count)]
+  ops = [r.choice(list(_OPS)) for _ in numbers[1:]]
+  expr, _, target = calculation_steps(numbers[0], list(zip(ops, numbers[1:])))
+  return numbers, ops, target, expr
+
+
 def arithmetic_fact(r: random.Random) -> str:
   op = r.choice(list(_OPS))
   a, b = r.randint(0, 99), r.randint(0, 99 if op != "*" else 12)
@@ -31,33 +80,30 @@ def arithmetic_fact(r: random.Random) -> str:
 
 
 def worked_calculation(r: random.Random) -> str:
-  """A chain of 2-4 operations solved step by step, ending in 'Answer: N.'."""
-  value = r.randint(1, 20)
-  expr, lines = str(value), []
-  for step in range(1, r.randint(2, 4) + 1):
-    op = r.choice(list(_OPS))
-    operand = r.randint(1, 9 if op == "*" else 20)
-    new = _OPS[op](value, operand)
-    lines.append(f"Step {step}: {value} {op} {operand} = {new}.")
-    expr = f"({expr} {op} {operand})"
-    value = new
-  return f"Compute {expr[1:-1] if expr.startswith('(') else expr}. " + " ".join(lines) + f" Answer: {value}."
+  """A chain of 2-4 operations solved step by step, ending in 'Answer: N.' (never a held-out one)."""
+  num_steps = r.randint(2, 4)
+  while True:
+    expr, steps, value = calculation_steps(*random_chain(r, num_steps))
+    if not is_held_out(calculation_key(expr)):
+      break
+  lines = [f"Step {i}: {a} {op} {b} = {c}." for i, (a, op, b, c) in enumerate(steps, 1)]
+  return f"Compute {expr}. " + " ".join(lines) + f" Answer: {value}."
 
 
 def countdown(r: random.Random) -> str:
-  """Three or four numbers combined left to right into a target, shown as an expression."""
-  numbers = [r.randint(1, 12) for _ in range(r.randint(3, 4))]
-  value, expr = numbers[0], str(numbers[0])
-  for n in numbers[1:]:
-    op = r.choice(list(_OPS))
-    value = _OPS[op](value, n)
-    expr = f"({expr} {op} {n})"
-  return f"Using {', '.join(map(str, numbers))} make {value}: {expr[1:-1]} = {value}."
+  """Three or four numbers combined left to right into a target, shown as an expression (never a
+  held-out puzzle)."""
+  count = r.randint(3, 4)
+  while True:
+    numbers, _, value, expr = random_countdown(r, count)
+    if not is_held_out(countdown_key(numbers, value)):
+      break
+  return f"Using {', '.join(map(str, numbers))} make {value}: {expr} = {value}."
 
 
 def python_function(r: random.Random) -> str:
   """A short function and two asserts that it passes."""
-  name, args, body, sample, fn = r.choice(_FUNCTIONS)
+  name, args, body, sample, fn = r.choice(FUNCTIONS)
   tests = []
   for _ in range(2):
     inputs = sample(r)

@@ -1,0 +1,67 @@
+"""Multi-step arithmetic: "Compute (3 + 4) * 2." solved one operation per step.
+
+The same problems the built-in corpus teaches (train.corpus), split by the corpus's own held-out
+hash, so no test problem ever appears in pre-training or SFT data. Knobs: the number of steps and
+the size of the operands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from posttrain.chat import assistant_content, parse_response
+from posttrain.tasks.base import Problem, Verdict, distinct
+from posttrain.tasks.math import answers_match, extract_answer
+from train.corpus import calculation_key, calculation_steps, is_held_out, random_chain
+
+
+def final_answer(response: str) -> str | None:
+  """The answer a response states: the part after `</think>` when well formed, else an explicit
+  "Answer: N" / `#### N` / `\\boxed{}` anywhere in it; None when there is none."""
+  parsed = parse_response(response)
+  if parsed.well_formed:
+    return extract_answer(parsed.answer) or parsed.answer
+  return extract_answer(parsed.answer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arithmetic:
+  """Chains of min_steps..max_steps operations (+, -, *) on integers."""
+
+  min_steps: int = 2
+  max_steps: int = 4
+  start_max: int = 20
+  operand_max: int = 20
+  name: str = "arithmetic"
+
+  def __post_init__(self):
+    if not 1 <= self.min_steps <= self.max_steps:
+      raise ValueError(f"arithmetic: need 1 <= min_steps <= max_steps, got {self.min_steps}, "
+                       f"{self.max_steps}")
+
+  def make(self, start: int, ops) -> Problem:
+    """The problem of the chain `start` then each (op, operand) of `ops`."""
+    expr, steps, value = calculation_steps(start, ops)
+    reasoning = " ".join(f"Step {i}: {a} {op} {b} = {c}." for i, (a, op, b, c) in enumerate(steps, 1))
+    return Problem(task=self.name, key=calculation_key(expr), prompt=f"Compute {expr}.",
+                   answer=str(value), solution=assistant_content(reasoning, str(value)),
+                   difficulty=len(ops))
+
+  def problems(self, split: str, count: int, seed: int = 0) -> list[Problem]:
+    """`count` distinct problems of `split`, deterministic in `seed`."""
+    r = random.Random(f"arithmetic:{seed}:{split}")
+
+    def sample():
+      steps = r.randint(self.min_steps, self.max_steps)
+      return self.make(*random_chain(r, steps, self.start_max, self.operand_max))
+    return distinct(sample, count, split, is_held_out)
+
+  def verify(self, problem: Problem, response: str) -> Verdict:
+    """1 when the stated final answer equals the reference value, else 0."""
+    answer = final_answer(response)
+    if answer is None:
+      return Verdict(0.0, "no final answer")
+    if answers_match(answer, problem.answer):
+      return Verdict(1.0, f"correct: {problem.answer}")
+    return Verdict(0.0, f"wrong: {answer[:40]!r}, expected {problem.answer}")

@@ -1,0 +1,109 @@
+"""Loaders for real math data: GSM8K-style and MATH-style JSONL, as task families.
+
+  GSM8K: {"question": ..., "answer": "...reasoning...\\n#### 72"}
+  MATH:  {"problem": ..., "solution": "... \\boxed{\\frac{1}{2}} ...", "level": "Level 3"}
+
+Errors name the file and line at fault. Both are verified with `math.answers_match` on the answer
+the response states (`\\boxed{}`, `#### N` or "Answer: N", or the answer after `</think>`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+
+from posttrain.chat import assistant_content
+from posttrain.tasks.arithmetic import final_answer
+from posttrain.tasks.base import Problem, Verdict, check_split
+from posttrain.tasks.math import answers_match, extract_answer
+
+
+def read_jsonl(path: str, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+  """(line number, record) per non-blank line; ValueError naming path:line for a malformed line,
+  a non-object or a missing field, and for a file with no records."""
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+      if not isinstance(record, dict):
+        raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+      for name in required:
+        if not isinstance(record.get(name), str):
+          raise ValueError(f"{path}:{number}: field {name!r} is missing or not a string "
+                           f"(fields: {sorted(record)})")
+      records.append((number, record))
+  if not records:
+    raise ValueError(f"{path}: no records")
+  return records
+
+
+def gsm8k_problem(record: dict, where: str) -> Problem:
+  """A GSM8K record as a Problem; the reasoning is the text before `#### N`."""
+  reasoning, sep, answer = record["answer"].rpartition("####")
+  answer = answer.strip().replace(",", "")
+  if not sep or not answer:
+    raise ValueError(f"{where}: field 'answer' does not end in '#### N'")
+  reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()  # GSM8K's calculator annotations.
+  return Problem(task="gsm8k", key=f"gsm8k:{record['question']}", prompt=record["question"].strip(),
+                 answer=answer, solution=assistant_content(reasoning, answer),
+                 difficulty=len([l for l in reasoning.splitlines() if l.strip()]))
+
+
+def math_problem(record: dict, where: str) -> Problem:
+  """A MATH record as a Problem; the answer is the solution's last `\\boxed{}`."""
+  answer = extract_answer(record["solution"]) if "\\boxed" in record["solution"] else None
+  if not answer:
+    raise ValueError(f"{where}: field 'solution' has no \\boxed{{}} answer")
+  level = re.search(r"\d+", str(record.get("level", "")))
+  return Problem(task="math", key=f"math:{record['problem']}", prompt=record["problem"].strip(),
+                 answer=answer, solution=assistant_content(record["solution"].strip(), answer),
+                 difficulty=int(level.group()) if level else 0)
+
+
+_FORMATS = {"gsm8k": (("question", "answer"), gsm8k_problem),
+            "math": (("problem", "solution"), math_problem)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MathData:
+  """A file of GSM8K- or MATH-style problems. The file is one split: `problems` serves it for
+  whichever split is asked (the caller chooses a train or a test file)."""
+
+  path: str
+  format: str = "gsm8k"
+
+  @property
+  def name(self) -> str:
+    return self.format
+
+  def __post_init__(self):
+    if self.format not in _FORMATS:
+      raise ValueError(f"unknown math data format {self.format!r}; known: {sorted(_FORMATS)}")
+
+  def load(self) -> list[Problem]:
+    """Every problem of the file, in file order."""
+    required, convert = _FORMATS[self.format]
+    return [convert(r, f"{self.path}:{n}") for n, r in read_jsonl(self.path, required)]
+
+  def problems(self, split: str, count: int, seed: int = 0) -> list[Problem]:
+    """The first `count` problems after a seeded shuffle (all of them if count <= 0)."""
+    check_split(split)
+    problems = self.load()
+    random.Random(f"{self.format}:{seed}").shuffle(problems)
+    return problems[:count] if count > 0 else problems
+
+  def verify(self, problem: Problem, response: str) -> Verdict:
+    """1 when the stated final answer is mathematically equal to the reference, else 0."""
+    answer = final_answer(response)
+    if answer is None:
+      return Verdict(0.0, "no final answer")
+    if answers_match(answer, problem.answer):
+      return Verdict(1.0, f"correct: {problem.answer[:40]}")
+    return Verdict(0.0, f"wrong: {answer[:40]!r}, expected {problem.answer[:40]!r}")
