@@ -85,25 +85,52 @@ def load_model(path: str, dtype: str | None = None) -> Transformer:
     return hf.load_pretrained(path) if dtype is None else hf.load_pretrained(path, dtype=dtype)
   if not os.path.exists(os.path.join(path, "run_config.json")):
     raise FileNotFoundError(f"{path!r} has neither config.json (HF) nor run_config.json (workdir)")
+  with open(os.path.join(path, "run_config.json")) as f:
+    if (json.load(f).get("lora") or {}).get("rank"):
+      raise ValueError(f"{path!r} holds LoRA adapters, not a whole model: load it with "
+                       "posttrain.lora.load_policy or export it with `python -m posttrain.lora merge`")
   cfg = workdir_model_config(path)
   if dtype is not None:
     cfg = cfg.replace(dtype=dtype)
   graphdef, params, extra = nnx.split(nnx.eval_shape(lambda: init_model(cfg)), nnx.Param, ...)
+  restored = restore_weights(path, dict(params=nnx.to_pure_dict(params),
+                                        extra=nnx.to_pure_dict(extra)))
+  nnx.replace_by_pure_dict(params, restored["params"])
+  nnx.replace_by_pure_dict(extra, restored["extra"])
+  return nnx.merge(graphdef, params, extra)
+
+
+def restore_weights(path: str, target: dict) -> dict:
+  """The {"params", "extra"} trees of workdir `path`'s latest checkpoint, shaped like `target`
+  (abstract or concrete arrays), on this process's first device; not the optimizer state."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        dict(params=nnx.to_pure_dict(params), extra=nnx.to_pure_dict(extra)))
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
   manager = ocp.CheckpointManager(os.path.abspath(os.path.join(path, "checkpoints")))
   step = manager.latest_step()
   if step is None:
+    manager.close()
     raise FileNotFoundError(f"{path!r}: no checkpoints under {path}/checkpoints")
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
+    return manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))["state"]
   except (ValueError, TypeError, KeyError) as e:
     raise ValueError(f"{path!r}: its step-{step} checkpoint does not fit its run_config.json model "
                      f"({type(e).__name__}: {str(e)[:300]})") from e
   finally:
     manager.close()
-  nnx.replace_by_pure_dict(params, restored["params"])
-  nnx.replace_by_pure_dict(extra, restored["extra"])
-  return nnx.merge(graphdef, params, extra)
+
+
+def save_weights(workdir: str, model: Transformer, run_config: dict) -> None:
+  """Writes a weights-only workdir (an export): DIR/run_config.json and one checkpoint holding
+  the parameters and router biases, which load_model and `init_from` read like any workdir."""
+  if os.path.exists(os.path.join(workdir, "checkpoints")):
+    raise FileExistsError(f"{workdir!r} already has checkpoints; choose a new directory")
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "run_config.json"), "w") as f:
+    json.dump(run_config, f, indent=2, sort_keys=True)
+  weights = dict(params=nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                 extra=nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+  manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(weights)))
+  manager.wait_until_finished()
+  manager.close()

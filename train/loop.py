@@ -106,7 +106,7 @@ def pretrain_stage(c: ml_collections.ConfigDict, workdir: str) -> Stage:
   data_cfg = DataConfig(**dict(c.data))
   run_config = dict(model=run_model_fields(cfg), data=dataclasses.asdict(data_cfg),
                     tokenizer=dict(c.tokenizer), init_from=c.init_from)
-  check_run_config(workdir, dict(run_config, **_loop_fields(c)))
+  check_run_config(workdir, dict(run_config, **loop_fields(c)))
   tokenizer = build_tokenizer(c, data_cfg, cfg.vocab_size, workdir)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but "
@@ -126,7 +126,7 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   return run(pretrain_stage(c, workdir), c, workdir)
 
 
-def _loop_fields(c) -> dict:
+def loop_fields(c) -> dict:
   """The run-config fields every stage shares (recorded beside the stage's own)."""
   opt_cfg = opt.OptimizerConfig(total_steps=c.total_steps, **dict(c.optimizer))
   return dict(optimizer=dataclasses.asdict(opt_cfg), step=dataclasses.asdict(StepConfig(**dict(c.step))),
@@ -137,7 +137,7 @@ def run(stage: Stage, c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Trains `stage` to `c.total_steps` (resuming from DIR/checkpoints); returns this invocation's
   logged metrics rows. `c` gives the optimizer, step, mesh, schedule and logging fields."""
   os.makedirs(workdir, exist_ok=True)
-  check_run_config(workdir, dict(stage.run_config, **_loop_fields(c)))
+  check_run_config(workdir, dict(stage.run_config, **loop_fields(c)))
   opt_cfg = opt.OptimizerConfig(total_steps=c.total_steps, **dict(c.optimizer))
   step_cfg = StepConfig(**dict(c.step))
   tx = opt.make_optimizer(opt_cfg)

@@ -68,7 +68,7 @@ class HFTokenizer:
       raise ImportError("HFTokenizer needs the `tokenizers` package (the `hf` extra)") from e
     if not os.path.exists(path):
       raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
-    self.path = path
+    self.path, self.bos_token, self.eos_token = path, bos_token, eos_token
     self._tok = _Tokenizer.from_file(path)
     self.vocab_size = self._tok.get_vocab_size()
     lookup = lambda token, default: self._tok.token_to_id(token) if token else default
@@ -94,11 +94,14 @@ def _special_token(value) -> str | None:
 
 def configured_tokenizer(t, workdir: str):
   """The tokenizer a run config's `tokenizer` section names; a `train_sentencepiece` one is the
-  workdir's trained DIR/tokenizer.model (FileNotFoundError until it has been trained)."""
+  workdir's trained DIR/tokenizer.model (FileNotFoundError until it has been trained). A
+  sentencepiece or hf_json kind with an empty path is the workdir's own DIR/tokenizer.model or
+  DIR/tokenizer.json (post-training stages write their extended tokenizer there)."""
   if t["kind"] == "sentencepiece":
-    return SentencePieceTokenizer(t["path"])
+    return SentencePieceTokenizer(t["path"] or os.path.join(workdir, "tokenizer.model"))
   if t["kind"] == "hf_json":
-    return HFTokenizer(t["path"], bos_token=t["bos_token"] or None, eos_token=t["eos_token"] or None)
+    return HFTokenizer(t["path"] or os.path.join(workdir, "tokenizer.json"),
+                       bos_token=t["bos_token"] or None, eos_token=t["eos_token"] or None)
   if t["kind"] != "train_sentencepiece":
     raise ValueError(f"config.tokenizer.kind must be train_sentencepiece, sentencepiece or hf_json, "
                      f"got {t['kind']!r}")

@@ -1,0 +1,63 @@
+"""Where every post-training stage starts: a checkpoint (a workdir or a HF directory) with its
+tokenizer extended by the chat special tokens and its vocabulary grown to fit them.
+
+New token rows start at the mean embedding (model.vocab.grow_vocab); old ids are unchanged. A
+stage writes the extended tokenizer into its own workdir, so the workdir is self-contained: eval
+and later stages load it like any other.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from model.transformer import Transformer, with_config
+from model.vocab import grow_vocab
+from posttrain.chat import SPECIAL_TOKENS, chat_tokenizer_file
+from train.checkpoint import load_model
+from train.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+
+
+def has_chat_tokens(tokenizer) -> bool:
+  """Whether `tokenizer` already has every chat special token."""
+  return all(tokenizer.piece_id(t) is not None for t in SPECIAL_TOKENS)
+
+
+def chat_tokenizer(tokenizer, workdir: str | None = None):
+  """`tokenizer` with the chat special tokens. With `workdir`, its DIR/tokenizer.model (or
+  tokenizer.json) is written once and reused on later runs; without, it is built in memory."""
+  if has_chat_tokens(tokenizer) and workdir is None:
+    return tokenizer
+  if workdir is not None:
+    name = "tokenizer.model" if isinstance(tokenizer, SentencePieceTokenizer) else "tokenizer.json"
+    path = os.path.join(workdir, name)
+    if not os.path.exists(path):
+      path = chat_tokenizer_file(tokenizer, workdir)
+  else:
+    path = chat_tokenizer_file(tokenizer, tempfile.mkdtemp(prefix="chat_tokenizer_"))
+  if path.endswith(".model"):
+    return SentencePieceTokenizer(path)
+  return HFTokenizer(path, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+
+
+def tokenizer_record(tokenizer) -> dict:
+  """The run-config `tokenizer` entry of a stage workdir holding `tokenizer`'s file (an empty
+  path: the workdir's own file, see train.tokenizer.configured_tokenizer)."""
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    return dict(kind="sentencepiece", path="", bos_token="", eos_token="")
+  return dict(kind="hf_json", path="", bos_token=tokenizer.bos_token or "",
+              eos_token=tokenizer.eos_token or "")
+
+
+def load_chat_model(path: str, workdir: str | None = None, execution: dict | None = None):
+  """(model, tokenizer) of checkpoint `path` ready for chat: the tokenizer extended (written into
+  `workdir` when given), the vocabulary grown to fit it, then the `execution` fields (dtype,
+  remat, kernels) applied."""
+  model: Transformer = load_model(path)
+  tokenizer = chat_tokenizer(load_tokenizer(path), workdir)
+  vocab = max(model.cfg.vocab_size, tokenizer.vocab_size)
+  if vocab > model.cfg.vocab_size:
+    model = grow_vocab(model, vocab)
+  if execution:
+    model = with_config(model, model.cfg.replace(**execution))
+  return model, tokenizer
