@@ -14,7 +14,7 @@ import tempfile
 from model.transformer import Transformer, with_config
 from model.vocab import grow_vocab
 from posttrain.chat import SPECIAL_TOKENS, chat_tokenizer_file
-from train.checkpoint import load_model
+from posttrain.lora import load_policy
 from train.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
 
@@ -52,8 +52,8 @@ def tokenizer_record(tokenizer) -> dict:
 def load_chat_model(path: str, workdir: str | None = None, execution: dict | None = None):
   """(model, tokenizer) of checkpoint `path` ready for chat: the tokenizer extended (written into
   `workdir` when given), the vocabulary grown to fit it, then the `execution` fields (dtype,
-  remat, kernels) applied."""
-  model: Transformer = load_model(path)
+  remat, kernels) applied. A LoRA workdir's adapters are merged in."""
+  model: Transformer = load_policy(path)
   tokenizer = chat_tokenizer(load_tokenizer(path), workdir)
   vocab = max(model.cfg.vocab_size, tokenizer.vocab_size)
   if vocab > model.cfg.vocab_size:

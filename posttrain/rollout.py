@@ -1,0 +1,52 @@
+"""Sampling responses from a policy: the one path evaluation and RL rollouts take.
+
+Prompts are token lists; they are right-padded to one width and run through `model.generate`
+(prefill, then the jitted decode loop over the absorbed-MLA latent cache) in fixed-size batches,
+so a whole evaluation compiles once per sampling setting. The last batch is filled with copies of
+its first prompt, whose responses are discarded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from model.generate import generate, pad_prompts
+from model.sampling import SamplingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Responses:
+  """Sampled continuations, one entry per prompt row, in prompt order."""
+
+  tokens: list[list[int]]  # Generated ids, the stop token included when one was emitted.
+  logprobs: list[np.ndarray]  # The sampler's log p(token) at the sampling temperature.
+  truncated: list[bool]  # Stopped by max_new_tokens, not by a stop token.
+
+
+def sample(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, key,
+           batch_size: int = 64, progress=None) -> Responses:
+  """Continuations of every prompt under `sampling` (key folded with the batch index).
+  `progress`: an optional tqdm-like bar advanced by each batch's row count."""
+  width = max(len(p) for p in prompts)
+  tokens, logprobs, truncated = [], [], []
+  stops = set(sampling.stop_tokens)
+  for start in range(0, len(prompts), batch_size):
+    chunk = list(prompts[start:start + batch_size])
+    real = len(chunk)
+    chunk += [chunk[0]] * (batch_size - real)
+    tokens_BT, lengths_B = pad_prompts(chunk, sampling.pad_token, width)
+    out = jax.device_get(generate(model, tokens_BT, lengths_B,
+                                  jax.random.fold_in(key, start // batch_size), sampling))
+    for row in range(real):
+      n = int(out.lengths[row])
+      ids = [int(t) for t in out.tokens[row, :n]]
+      tokens.append(ids)
+      logprobs.append(np.asarray(out.logprobs[row, :n]))
+      truncated.append(not ids or ids[-1] not in stops)
+    if progress is not None:
+      progress.update(real)
+  return Responses(tokens, logprobs, truncated)
