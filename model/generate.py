@@ -167,11 +167,14 @@ def main(argv):
     if token == tokenizer.eos_id:
       break
     generated.append(token)
-    text = tokenizer.decode(generated)
-    sys.stdout.write(text[len(shown):])
-    sys.stdout.flush()
-    shown = text
-  sys.stdout.write("\n")
+    # Held back while the text ends in an incomplete UTF-8 sequence (byte-fallback pieces).
+    text = tokenizer.decode(generated).rstrip("\ufffd")
+    if text.startswith(shown):
+      sys.stdout.write(text[len(shown):])
+      sys.stdout.flush()
+      shown = text
+  text = tokenizer.decode(generated)
+  sys.stdout.write((text[len(shown):] if text.startswith(shown) else "") + "\n")
 
 
 if __name__ == "__main__":

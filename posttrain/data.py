@@ -11,37 +11,13 @@ the start of the response), "drop" leaves it out; either way it is counted.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 
 from posttrain.chat import validate_messages
+from train.data import read_jsonl
 
 TRUNCATION = ("truncate", "drop")
-
-
-def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
-  """(line number, record) per non-blank line; ValueError naming path:line for a malformed line,
-  a non-object or a missing (or non-string) required field, and for a file with no records."""
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(record, dict):
-        raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-      for name in required:
-        if not isinstance(record.get(name), str):
-          raise ValueError(f"{path}:{number}: field {name!r} is missing or not a string "
-                           f"(fields: {sorted(record)})")
-      records.append((number, record))
-  if not records:
-    raise ValueError(f"{path}: no records")
-  return records
 
 
 def record_messages(record: dict, where: str) -> list[dict]:

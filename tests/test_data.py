@@ -111,7 +111,7 @@ def test_jsonl_and_text_sources(tok, tmp_path):
   first = next(iter(make_dataset(text, tok)))
   assert "7 + 1 = 8.".startswith(tok.decode(first["inputs"][0, 1:]))
   (tmp_path / "bad.jsonl").write_text('{"body": "ok"}\n{"body": 3}\n')
-  with pytest.raises(ValueError, match=r"bad.jsonl:2: no string field 'body'"):
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'body' is missing or not a string"):
     make_dataset(DataConfig(source="jsonl", paths=str(tmp_path / "bad.jsonl"), jsonl_field="body"),
                  tok)
 

@@ -43,10 +43,10 @@ def test_cli_streams_the_greedy_continuation(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "model.generate", f"--checkpoint={tmp_path}", f"--prompt={prompt}",
        f"--max_new_tokens={n}"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-      capture_output=True, text=True, timeout=300, check=True)
+      capture_output=True, timeout=300, check=True)  # Bytes: keep '\r' as written.
   model, tokenizer = load_model(str(tmp_path)), load_tokenizer(str(tmp_path))
   tokens, lengths = pad_prompts([[tokenizer.bos_id] + tokenizer.encode(prompt)])
   out = generate(model, tokens, lengths, jax.random.key(0),
                  SamplingConfig(max_new_tokens=n, stop_tokens=(tokenizer.eos_id,)))
   ids = [t for t in out.tokens[0, :int(out.lengths[0])].tolist() if t != tokenizer.eos_id]
-  assert result.stdout == prompt + tokenizer.decode(ids) + "\n"
+  assert result.stdout.decode("utf-8") == prompt + tokenizer.decode(ids) + "\n"

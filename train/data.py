@@ -59,23 +59,36 @@ class TextFiles:
       return f.read()
 
 
+def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+  """(line number, record) per non-blank line; ValueError naming path:line for a malformed line,
+  a non-object or a missing (or non-string) required field, and for a file with no records."""
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+      if not isinstance(record, dict):
+        raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+      for name in required:
+        if not isinstance(record.get(name), str):
+          raise ValueError(f"{path}:{number}: field {name!r} is missing or not a string "
+                           f"(fields: {sorted(record)})")
+      records.append((number, record))
+  if not records:
+    raise ValueError(f"{path}: no records")
+  return records
+
+
+
 class JsonlFiles:
   """One document per line: the string in `field` of each JSON object."""
 
   def __init__(self, files: Sequence[str], field: str):
-    self.docs = []
-    for path in files:
-      with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-          if not line.strip():
-            continue
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
-          if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise ValueError(f"{path}:{line_no}: no string field {field!r}")
-          self.docs.append(record[field])
+    self.docs = [record[field] for path in files for _, record in read_jsonl(path, (field,))]
 
   def __len__(self):
     return len(self.docs)

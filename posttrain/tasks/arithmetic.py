@@ -25,6 +25,17 @@ def final_answer(response: str) -> str | None:
   return extract_answer(parsed.answer)
 
 
+def verify_stated_answer(problem: Problem, response: str) -> Verdict:
+  """1 when the response's final answer (`final_answer`) is mathematically equal to the
+  problem's reference answer, else 0 with the reason."""
+  answer = final_answer(response)
+  if answer is None:
+    return Verdict(0.0, "no final answer")
+  if answers_match(answer, problem.answer):
+    return Verdict(1.0, f"correct: {problem.answer[:40]}")
+  return Verdict(0.0, f"wrong: {answer[:40]!r}, expected {problem.answer[:40]!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Arithmetic:
   """Chains of min_steps..max_steps operations (+, -, *) on integers."""
@@ -59,9 +70,4 @@ class Arithmetic:
 
   def verify(self, problem: Problem, response: str) -> Verdict:
     """1 when the stated final answer equals the reference value, else 0."""
-    answer = final_answer(response)
-    if answer is None:
-      return Verdict(0.0, "no final answer")
-    if answers_match(answer, problem.answer):
-      return Verdict(1.0, f"correct: {problem.answer}")
-    return Verdict(0.0, f"wrong: {answer[:40]!r}, expected {problem.answer}")
+    return verify_stated_answer(problem, response)

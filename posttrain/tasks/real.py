@@ -14,10 +14,10 @@ import random
 import re
 
 from posttrain.chat import assistant_content
-from posttrain.data import read_jsonl
-from posttrain.tasks.arithmetic import final_answer
+from train.data import read_jsonl
+from posttrain.tasks.arithmetic import verify_stated_answer
 from posttrain.tasks.base import Problem, Verdict, check_split
-from posttrain.tasks.math import answers_match, extract_answer
+from posttrain.tasks.math import extract_answer
 
 
 def gsm8k_problem(record: dict, where: str) -> Problem:
@@ -77,9 +77,4 @@ class MathData:
 
   def verify(self, problem: Problem, response: str) -> Verdict:
     """1 when the stated final answer is mathematically equal to the reference, else 0."""
-    answer = final_answer(response)
-    if answer is None:
-      return Verdict(0.0, "no final answer")
-    if answers_match(answer, problem.answer):
-      return Verdict(1.0, f"correct: {problem.answer[:40]}")
-    return Verdict(0.0, f"wrong: {answer[:40]!r}, expected {problem.answer[:40]!r}")
+    return verify_stated_answer(problem, response)
