@@ -22,7 +22,6 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from model.transformer import Transformer
@@ -181,9 +180,11 @@ def load_policy(path: str) -> Transformer:
   shapes = jax.eval_shape(lambda: init_adapters(params, cfg))
   restored = restore_weights(path, dict(params=shapes, extra=extra))
   merged = merge_params(params, restored["params"], cfg.scale)
-  state = nnx.state(base)
-  nnx.replace_by_pure_dict(state, dict(merged, **restored["extra"]))
-  nnx.update(base, state)
+  # Parameters and router biases share top-level keys (moe_layers): replace each state apart.
+  for kind, values in ((nnx.Param, merged), (nnx.Not(nnx.Param), restored["extra"])):
+    state = nnx.state(base, kind)
+    nnx.replace_by_pure_dict(state, values)
+    nnx.update(base, state)
   return base
 
 

@@ -194,6 +194,14 @@ def test_sft_lora_merge_and_eval_end_to_end(tmp_path):
   merged = load_model(str(tmp_path / "merged"))
   base = load_model(str(tmp_path / "pre"))
   assert merged.cfg.vocab_size == tokenizer.vocab_size > base.cfg.vocab_size
+  # Every adapted weight moved (the adapters trained), in dense and MoE layers alike.
+  merged_params = nnx.to_pure_dict(nnx.state(merged, nnx.Param))
+  base_params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
+  adapted = [path for path, _ in lora._walk(merged_params)
+             if lora.target_name(path) in s.lora.targets.split(",")]
+  assert {p[0] for p in adapted} >= {"dense_layers", "moe_layers"}
+  for path in adapted:
+    assert not np.array_equal(lora._get(merged_params, path), lora._get(base_params, path)), path
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, tokenizer.vocab_size, (2, 12)), jnp.int32)
   np.testing.assert_allclose(merged(tokens).logits, unmerged(tokens).logits, atol=1e-5, rtol=1e-5)
   report = run_eval(str(tmp_path / "merged"), "countdown", n=4, samples=2, ks=(1, 2),
