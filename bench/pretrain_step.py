@@ -28,8 +28,11 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per implementation (after
 _TORCH = flags.DEFINE_bool("torch", True, "Also time transformers' PyTorch model.")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 keeps its default.")
 
-def time_jax(cfg: ModelConfig, tokens: np.ndarray, steps: int) -> float:
-  """Seconds per jitted train step (AdamW, no MTP), after a compiling warm-up step."""
+def time_jax(cfg: ModelConfig, tokens: np.ndarray, steps: int,
+             loss_mask: np.ndarray | None = None) -> float:
+  """Seconds per jitted train step (AdamW, no MTP), after a compiling warm-up step. `loss_mask`
+  [B, T] (over the predicted tokens, tokens[:, 1:]) weights the loss, as SFT's assistant mask
+  does; None: every token."""
   from model.transformer import init_model
   ocfg = opt.OptimizerConfig(peak_lr=1e-3, warmup_steps=0, total_steps=1000, weight_decay=0.0)
   tx = opt.make_optimizer(ocfg)
@@ -39,7 +42,9 @@ def time_jax(cfg: ModelConfig, tokens: np.ndarray, steps: int) -> float:
   b, t = tokens.shape[0], tokens.shape[1] - 1
   batch = dict(inputs=jnp.asarray(tokens[:, :-1]), targets=jnp.asarray(tokens[:, 1:]),
                positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
-               segment_ids=jnp.ones((b, t), jnp.int32), loss_mask=jnp.ones((b, t), jnp.float32))
+               segment_ids=jnp.ones((b, t), jnp.int32),
+               loss_mask=jnp.ones((b, t), jnp.float32) if loss_mask is None
+               else jnp.asarray(loss_mask, jnp.float32))
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
   start = time.perf_counter()

@@ -8,6 +8,8 @@
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
@@ -24,25 +26,10 @@ def get_config(arg=None):
   c.tokenizer = ml_collections.ConfigDict(dict(
       kind="train_sentencepiece",  # Or "sentencepiece" / "hf_json" with `path`.
       path="", train_docs=4000, bos_token="", eos_token=""))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      peak_lr=3e-3, end_lr_fraction=0.1, warmup_steps=20, schedule="cosine", decay_fraction=0.2,
-      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0))
-  c.step = ml_collections.ConfigDict(dict(
-      mtp_weight=0.3, mtp_weight_final=0.1, mtp_switch_step=240,  # V3: 0.3, then 0.1 late on.
-      balance_weight=1e-4, bias_gamma=1e-3, bias_gamma_stop_step=0,
-      microbatches=1, spike_zscore=6.0, spike_window=32))
-  # Device mesh (model/sharding.py): axis sizes within a slice, one of them -1 (the rest of the
-  # devices); dcn_* sizes multiply an axis across TPU slices or hosts (hybrid mesh).
-  c.mesh = ml_collections.ConfigDict(dict(
-      data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1))
-  c.max_bad_steps = 4  # Consecutive skipped steps that restore the last checkpoint; 0: never.
-  c.total_steps = 300
-  c.log_every = 10
-  c.checkpoint_every = 100
-  c.keep_checkpoints = 3
-  c.eval_every = 100
-  c.eval_batches = 4
-  c.peak_flops = 0.0  # FLOP/s for MFU; 0: the device table, or a matmul measured at start-up.
+  c.optimizer = common.optimizer()
+  c.step = common.step(mtp_switch_step=800)  # V3: 0.3, then 0.1 for the last fifth.
+  c.mesh = common.mesh()
+  common.add_loop(c, total_steps=1000, checkpoint_every=250, eval_every=250)
   if arg == "deepseek_v3":
     c.model.preset = "deepseek_v3_671b"
     c.model_overrides.update(vocab_size=129280, max_seq_len=4096, dtype="bfloat16",

@@ -10,6 +10,8 @@ The built-in data is the task families' worked solutions (train split) rendered 
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
@@ -33,23 +35,11 @@ def get_config(arg=None):
       alpha=16.0,
       targets="q_a,q_b,kv_a,kv_b,o",  # Projections by name (posttrain/lora.py lists them).
   ))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      peak_lr=1e-3, end_lr_fraction=0.1, warmup_steps=20, schedule="cosine", decay_fraction=0.2,
-      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
-  c.step = ml_collections.ConfigDict(dict(
-      mtp_weight=0.1, mtp_weight_final=0.1, mtp_switch_step=0,  # Keeps the MTP head in step.
-      balance_weight=1e-4, bias_gamma=1e-3, bias_gamma_stop_step=0,
-      microbatches=1, spike_zscore=0.0, spike_window=32))
-  c.mesh = ml_collections.ConfigDict(dict(
-      data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1))
-  c.max_bad_steps = 4
-  c.total_steps = 300
-  c.log_every = 10
-  c.checkpoint_every = 100
-  c.keep_checkpoints = 2
-  c.eval_every = 100
-  c.eval_batches = 4
-  c.peak_flops = 0.0
+  c.optimizer = common.optimizer(peak_lr=1e-3, weight_decay=0.0)
+  # The MTP head trained along (weight 0.1 throughout); no spike guard on short runs.
+  c.step = common.step(mtp_weight=0.1, mtp_weight_final=0.1, mtp_switch_step=0, spike_zscore=0.0)
+  c.mesh = common.mesh()
+  common.add_loop(c, keep_checkpoints=2)
   if arg == "lora":
     c.lora.rank = 8
     c.optimizer.peak_lr = 3e-3

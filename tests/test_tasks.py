@@ -2,6 +2,7 @@
 
 import collections
 import json
+import re
 import threading
 import time
 
@@ -29,6 +30,22 @@ def test_splits_are_disjoint_deterministic_and_kept_out_of_the_corpus(name):
     for line in corpus.document(0, i).splitlines():
       if line.startswith("Compute "):
         assert line.split(". Step")[0].removeprefix("Compute ") not in held_out
+
+
+def test_task_defaults_follow_the_corpus_sizing():
+  """The default problems are sized like the corpus's worked calculations and countdown lines
+  (what pre-training taught): step counts, operand ranges and number counts."""
+  for p in get_task("arithmetic").problems("test", 200):
+    steps = p.solution.count("Step ")
+    assert steps == p.difficulty and corpus.CALC_STEPS[0] <= steps <= corpus.CALC_STEPS[1]
+    for a, op, b in re.findall(r"(-?\d+) ([-+*]) (\d+) =", p.solution):
+      assert 2 <= int(b) <= corpus.MUL_MAX if op == "*" else 1 <= int(b) <= corpus.OPERAND_MAX
+  sizes = collections.Counter()
+  for p in get_task("countdown").problems("test", 200):
+    numbers = p.fields["numbers"]
+    sizes[len(numbers)] += 1
+    assert all(1 <= x <= corpus.COUNTDOWN_MAX for x in numbers)
+  assert set(sizes) == set(range(corpus.COUNTDOWN_NUMBERS[0], corpus.COUNTDOWN_NUMBERS[1] + 1))
 
 
 def test_arithmetic_verifier_right_wrong_malformed():

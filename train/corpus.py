@@ -27,6 +27,15 @@ FUNCTIONS = [  # (name, args, body, sample inputs, reference): also the program 
 
 HELD_OUT_PERCENT = 20  # Of problem keys: post-training evaluation only, never in the corpus.
 
+# Problem sizing, shared by the corpus and the task families' defaults (posttrain/tasks): small
+# enough that the tiny model learns the digit facts it needs in the built-in budget.
+CALC_STEPS = (2, 3)  # Operations per worked calculation.
+START_MAX = 9  # A calculation starts at 1..START_MAX.
+OPERAND_MAX = 9  # + and - operands are 1..OPERAND_MAX.
+MUL_MAX = 3  # * operands are 2..MUL_MAX (so running values stay within three digits).
+COUNTDOWN_NUMBERS = (3, 4)  # Numbers per countdown puzzle.
+COUNTDOWN_MAX = 9  # Countdown numbers are 1..COUNTDOWN_MAX.
+
 
 def is_held_out(key: str) -> bool:
   """Whether the problem with canonical `key` belongs to the held-out split (a crc32 hash of the
@@ -55,17 +64,19 @@ def calculation_steps(value: int, ops) -> tuple[str, list[tuple[int, str, int, i
   return (expr[1:-1] if expr.startswith("(") else expr), steps, value
 
 
-def random_chain(r: random.Random, num_steps: int, start_max: int = 20, operand_max: int = 20):
-  """A random (start value, [(op, operand)...]) chain of `num_steps` operations."""
+def random_chain(r: random.Random, num_steps: int, start_max: int = START_MAX,
+                 operand_max: int = OPERAND_MAX, mul_max: int = MUL_MAX):
+  """A random (start value, [(op, operand)...]) chain of `num_steps` operations: + and - by
+  1..operand_max, * by 2..mul_max."""
   start = r.randint(1, start_max)
   ops = []
   for _ in range(num_steps):
     op = r.choice(list(_OPS))
-    ops.append((op, r.randint(1, 9 if op == "*" else operand_max)))
+    ops.append((op, r.randint(2, mul_max) if op == "*" else r.randint(1, operand_max)))
   return start, ops
 
 
-def random_countdown(r: random.Random, count: int, number_max: int = 12):
+def random_countdown(r: random.Random, count: int, number_max: int = COUNTDOWN_MAX):
   """(numbers, [ops between them], target, expression) combined left to right."""
   numbers = [r.randint(1, number_max) for _ in range(count)]
   ops = [r.choice(list(_OPS)) for _ in numbers[1:]]
@@ -74,14 +85,19 @@ def random_countdown(r: random.Random, count: int, number_max: int = 12):
 
 
 def arithmetic_fact(r: random.Random) -> str:
+  """One operation and its result, e.g. '17 + 5 = 22.', over the operands calculations meet."""
   op = r.choice(list(_OPS))
-  a, b = r.randint(0, 99), r.randint(0, 99 if op != "*" else 12)
+  if op == "*":
+    a, b = r.randint(0, 60), r.randint(0, 9)
+  else:
+    a, b = r.randint(-20, 99), r.randint(0, max(OPERAND_MAX, COUNTDOWN_MAX))
   return f"{a} {op} {b} = {_OPS[op](a, b)}."
 
 
 def worked_calculation(r: random.Random) -> str:
-  """A chain of 2-4 operations solved step by step, ending in 'Answer: N.' (never a held-out one)."""
-  num_steps = r.randint(2, 4)
+  """A chain of CALC_STEPS operations solved step by step, ending in 'Answer: N.' (never a
+  held-out one)."""
+  num_steps = r.randint(*CALC_STEPS)
   while True:
     expr, steps, value = calculation_steps(*random_chain(r, num_steps))
     if not is_held_out(calculation_key(expr)):
@@ -91,9 +107,9 @@ def worked_calculation(r: random.Random) -> str:
 
 
 def countdown(r: random.Random) -> str:
-  """Three or four numbers combined left to right into a target, shown as an expression (never a
-  held-out puzzle)."""
-  count = r.randint(3, 4)
+  """COUNTDOWN_NUMBERS numbers combined left to right into a target, shown as an expression (never
+  a held-out puzzle)."""
+  count = r.randint(*COUNTDOWN_NUMBERS)
   while True:
     numbers, _, value, expr = random_countdown(r, count)
     if not is_held_out(countdown_key(numbers, value)):

@@ -13,6 +13,7 @@ import random
 from posttrain.chat import assistant_content, parse_response
 from posttrain.tasks.base import Problem, Verdict, distinct
 from posttrain.tasks.math import answers_match, extract_answer
+from train import corpus
 from train.corpus import calculation_key, calculation_steps, is_held_out, random_chain
 
 
@@ -38,12 +39,14 @@ def verify_stated_answer(problem: Problem, response: str) -> Verdict:
 
 @dataclasses.dataclass(frozen=True)
 class Arithmetic:
-  """Chains of min_steps..max_steps operations (+, -, *) on integers."""
+  """Chains of min_steps..max_steps operations on integers: + and - by 1..operand_max, * by
+  2..mul_max. The defaults are the corpus's sizing."""
 
-  min_steps: int = 2
-  max_steps: int = 4
-  start_max: int = 20
-  operand_max: int = 20
+  min_steps: int = corpus.CALC_STEPS[0]
+  max_steps: int = corpus.CALC_STEPS[1]
+  start_max: int = corpus.START_MAX
+  operand_max: int = corpus.OPERAND_MAX
+  mul_max: int = corpus.MUL_MAX
   name: str = "arithmetic"
 
   def __post_init__(self):
@@ -65,7 +68,7 @@ class Arithmetic:
 
     def sample():
       steps = r.randint(self.min_steps, self.max_steps)
-      return self.make(*random_chain(r, steps, self.start_max, self.operand_max))
+      return self.make(*random_chain(r, steps, self.start_max, self.operand_max, self.mul_max))
     return distinct(sample, count, split, is_held_out)
 
   def verify(self, problem: Problem, response: str) -> Verdict:

@@ -14,6 +14,7 @@ import random
 from posttrain.chat import THINK_CLOSE, assistant_content, parse_response
 from posttrain.tasks.base import Problem, Verdict, distinct, field
 from posttrain.tasks.expression import ExpressionError, evaluate
+from train import corpus
 from train.corpus import calculation_steps, countdown_key, is_held_out, random_countdown
 
 
@@ -21,9 +22,9 @@ from train.corpus import calculation_steps, countdown_key, is_held_out, random_c
 class Countdown:
   """Puzzles over min_numbers..max_numbers integers in [1, number_max]."""
 
-  min_numbers: int = 3
-  max_numbers: int = 4
-  number_max: int = 12
+  min_numbers: int = corpus.COUNTDOWN_NUMBERS[0]
+  max_numbers: int = corpus.COUNTDOWN_NUMBERS[1]
+  number_max: int = corpus.COUNTDOWN_MAX
   name: str = "countdown"
 
   def __post_init__(self):
