@@ -6,7 +6,7 @@ AdamW) against SFTTrainer's training steps (PyTorch, eager, AdamW), both float32
 a benchmark peer only: `pip install -e .[hf,peers]`; without it, only our step is timed and a
 {"kind": "skipped"} line says why. Prints one JSON object per implementation, then the ratio.
 
-  .venv/bin/python bench/posttrain_step.py --shape=bench-tiny --steps=5
+  .venv/bin/python -m bench.posttrain_step --shape=bench-tiny --steps=5
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from bench.pretrain_step import time_jax
+from bench.jax_step import time_jax
 from bench.shapes import bench_config
 from model import hf
 from model.config import ModelConfig

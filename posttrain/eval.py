@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import os
 import sys
-from typing import Sequence
 
 import jax
 import numpy as np
@@ -27,9 +25,6 @@ from model.sampling import SamplingConfig
 from posttrain import chat, rollout
 from posttrain.start import load_chat_model
 from posttrain.tasks import Problem, get_task
-
-PROMPT_STYLES = ("chat", "plain")
-
 
 def pass_at_k(n: int, c: int, k: int) -> float:
   """The unbiased pass@k estimator 1 - C(n-c, k) / C(n, k) for c correct of n samples."""
@@ -40,29 +35,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def prompt_tokens(tokenizer, problem: Problem, style: str) -> list[int]:
-  """The prompt ids for `problem`: a chat with a generation prompt, or plain text after bos."""
-  if style == "chat":
-    return chat.encode_prompt(tokenizer, [{"role": "user", "content": problem.prompt}])
-  if style == "plain":
-    return [tokenizer.bos_id] + tokenizer.encode(problem.prompt)
-  raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {style!r}")
-
-
-def response_text(tokenizer, ids: Sequence[int], style: str) -> str:
-  """A response's text: up to `<|end|>` in chat style, its first line in plain style."""
-  text = chat.decode(tokenizer, ids)
-  if style == "chat":
-    return text.split(chat.END, 1)[0]
-  return text.strip().split("\n", 1)[0]
-
-
 def _score(task, tokenizer, problems, responses, repeat: int, style: str):
   """Per problem: lists of (correct, well formed, length) over its `repeat` responses."""
   rows = [[] for _ in problems]
   for i, ids in enumerate(responses.tokens):
     p = problems[i // repeat]
-    text = response_text(tokenizer, ids, style)
+    text = rollout.response_text(tokenizer, ids, style)
     verdict = task.verify(p, text)
     rows[i // repeat].append((verdict.correct, chat.parse_response(text).well_formed, len(ids),
                               text, verdict.reason))
@@ -83,7 +61,7 @@ def evaluate(model, tokenizer, task, problems: list[Problem], samples: int = 0, 
   """The report for `problems`: greedy decoding, then (if samples > 0) `samples` sampled
   responses per problem with pass@k for each k <= samples."""
   from tqdm import tqdm
-  prompts = [prompt_tokens(tokenizer, p, prompt_style) for p in problems]
+  prompts = [rollout.prompt_tokens(tokenizer, p, prompt_style) for p in problems]
   stops = chat.stop_tokens(tokenizer) if prompt_style == "chat" else (tokenizer.eos_id,)
   pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0
   limit = model.cfg.max_seq_len - max(len(p) for p in prompts)
@@ -185,7 +163,7 @@ if __name__ == "__main__":
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
   flags.DEFINE_integer("max_new_tokens", 64, "Longest response.")
   flags.DEFINE_integer("batch_size", 64, "Rows per generate call.")
-  flags.DEFINE_enum("prompt_style", "chat", list(PROMPT_STYLES), "How problems are asked.")
+  flags.DEFINE_enum("prompt_style", "chat", list(rollout.PROMPT_STYLES), "How problems are asked.")
   flags.DEFINE_string("out", "", "Report path (default CHECKPOINT/eval/TASK.json).")
   flags.DEFINE_integer("seed", 0, "Problem and sampling seed.")
   app.run(main)

@@ -16,6 +16,10 @@ import numpy as np
 
 from model.generate import generate, pad_prompts
 from model.sampling import SamplingConfig
+from posttrain import chat
+from posttrain.tasks import Problem
+
+PROMPT_STYLES = ("chat", "plain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,3 +54,20 @@ def sample(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, ke
     if progress is not None:
       progress.update(real)
   return Responses(tokens, logprobs, truncated)
+
+
+def prompt_tokens(tokenizer, problem: Problem, style: str) -> list[int]:
+  """The prompt ids for `problem`: a chat with a generation prompt, or plain text after bos."""
+  if style == "chat":
+    return chat.encode_prompt(tokenizer, [{"role": "user", "content": problem.prompt}])
+  if style == "plain":
+    return [tokenizer.bos_id] + tokenizer.encode(problem.prompt)
+  raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {style!r}")
+
+
+def response_text(tokenizer, ids: Sequence[int], style: str) -> str:
+  """A response's text: up to `<|end|>` in chat style, its first line in plain style."""
+  text = chat.decode(tokenizer, ids)
+  if style == "chat":
+    return text.split(chat.END, 1)[0]
+  return text.strip().split("\n", 1)[0]

@@ -36,7 +36,10 @@ class Stage:
   name: str
   cfg: ModelConfig  # The run's model config.
   run_config: dict  # The stage's settings, recorded in DIR/run_config.json and checked on resume.
-  batches: Any  # Resumable iterator of host batches (get_state / set_state), global batch_size rows.
+  # Resumable iterator of host batches (get_state / set_state), global batch_size rows. A source
+  # with `next_batch(policy)` is handed the current model each step instead (RL rollouts), and
+  # one with `pop_metrics()` adds its metrics to each logged row.
+  batches: Any
   batch_size: int
   tokens_per_batch: int  # For tokens/s and MFU.
   loss_fn: Optional[Callable] = None  # (model, batch, frozen, step) -> (sum, weight, aux).
@@ -172,11 +175,16 @@ def run(stage: Stage, c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     return aux["sums"]["loss"], weight
   eval_loss = jit_sharded(held_out, mesh, None, None)
 
+  def policy(state):  # The model being trained, as of `state`: what RL samples its rollouts from.
+    full = state.params if stage.model_params is None else stage.model_params(state.params, frozen)
+    return template.merge(full, state.extra)
+
   peak, peak_source = peak_flops(c.peak_flops)
   writer = MetricsWriter(workdir, c.total_steps, enabled=jax.process_index() == 0)
   rows, step, tick, restores = [], int(state.step), time.perf_counter(), 0
   while step < c.total_steps:
-    state, metrics = train_step(state, put_batch(next(data), mesh, stage.batch_size), frozen)
+    host_batch = data.next_batch(policy(state)) if hasattr(data, "next_batch") else next(data)
+    state, metrics = train_step(state, put_batch(host_batch, mesh, stage.batch_size), frozen)
     step += 1
     if c.max_bad_steps and int(metrics["bad_streak"]) >= c.max_bad_steps:
       good = ckpt.latest_step()
@@ -198,6 +206,8 @@ def run(stage: Stage, c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       tps = stage.tokens_per_batch * logged / elapsed
       row = dict(metrics, tokens_per_sec=tps, mfu=stage.flops_per_token * tps / peak,
                  peak_flops_source=peak_source)
+      if hasattr(data, "pop_metrics"):  # Host-side metrics of the batch source (RL rollouts).
+        row.update(data.pop_metrics())
       if (stage.eval_batches is not None and c.eval_every
           and (step % c.eval_every == 0 or step == c.total_steps)):
         row["eval_loss"] = _evaluate(eval_loss, state, frozen, stage, c.eval_batches, mesh)

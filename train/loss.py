@@ -31,8 +31,9 @@ def mean_or_zero(total, count):
 
 
 def sequence_logprobs(model, tokens_BT, mask_BT, positions_BT=None, segment_ids_BT=None,
-                      temperature: float = 1.0):
-  """Log-probabilities of `tokens` under `model`: (per token [B, T], per-sequence sum [B]).
+                      temperature: float = 1.0, with_output: bool = False):
+  """Log-probabilities of `tokens` under `model`: (per token [B, T], per-sequence sum [B]), and
+  the model's output (router statistics, hidden states) third when `with_output`.
 
   Entry t is log p(tokens[t] | tokens[:t]) at `temperature` where mask[t] is set, else 0 (the
   first token has no prediction and is always 0). The one log-prob function of every stage: SFT
@@ -43,4 +44,6 @@ def sequence_logprobs(model, tokens_BT, mask_BT, positions_BT=None, segment_ids_
   picked_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTY, axis=-1),
                                   tokens_BT[:, 1:, None], axis=-1)[..., 0]
   per_token_BT = jnp.pad(picked_BT, ((0, 0), (1, 0))) * mask_BT.astype(jnp.float32).at[:, 0].set(0)
+  if with_output:
+    return per_token_BT, per_token_BT.sum(-1), out
   return per_token_BT, per_token_BT.sum(-1)

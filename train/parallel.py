@@ -82,8 +82,9 @@ def shard_state(state: TrainState, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh, global_batch: int) -> NamedSharding:
-  """Sharding of [B, T] batch arrays: B over the batch axes (data, fsdp, expert)."""
-  return NamedSharding(mesh, sharding.batch_spec(2, mesh, global_batch))
+  """Sharding of [B, ...] batch arrays of any rank (token rows, per-row advantages): B over the
+  batch axes (data, fsdp, expert), the rest replicated."""
+  return NamedSharding(mesh, sharding.batch_spec(1, mesh, global_batch))
 
 
 def put_batch(batch: dict, mesh: Mesh, global_batch: int) -> dict:

@@ -1,0 +1,63 @@
+"""RL with verifiable rewards (GRPO family): the no-flag default of posttrain.grpo.
+
+  python -m posttrain.grpo --config=configs/grpo.py --workdir=workdir/grpo \
+      --config.init_from=workdir/sft
+  python -m posttrain.grpo --config=configs/grpo.py:dapo ...   # clip-higher, token mean, dynamic sampling
+  python -m posttrain.grpo --config=configs/grpo.py:dr_grpo ... # no std scaling, constant normaliser
+
+Each step samples rollout.prompts x rollout.samples completions from the current policy on the
+tasks' train problems, scores them with the verifiers, and takes rollout.epochs x
+rollout.minibatches optimizer steps on them (total_steps counts optimizer steps).
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.init_from = ""  # Required: an SFT workdir (any chat checkpoint) or a HF directory.
+  c.model_overrides = ml_collections.ConfigDict(dict(
+      dtype="float32", remat_policy="none", attention_impl="auto", moe_impl="auto",
+      moe_dispatch="auto"))
+  c.data = ml_collections.ConfigDict(dict(
+      tasks="arithmetic,countdown",  # Built-in task families whose train problems are the prompts.
+      problems=4000,  # Train problems per family.
+      seed=0))  # Prompt order and rollout sampling.
+  c.rollout = ml_collections.ConfigDict(dict(
+      prompts=8, samples=8, max_new_tokens=64, temperature=1.0, top_p=1.0, epochs=1,
+      minibatches=1, dynamic_sampling=False, max_refills=3, overlong="keep", batch_size=64))
+  c.grpo = ml_collections.ConfigDict(dict(
+      advantage="grpo", aggregation="sequence_mean", ratio="token", surrogate="clip",
+      eps_low=0.2, eps_high=0.2, dual_clip=0.0, beta=0.0, kl_estimator="k3", tis_cap=0.0,
+      std_eps=1e-4))
+  c.rewards = ml_collections.ConfigDict(dict(
+      accuracy=1.0,  # Weight of the verifier's score.
+      format=0.0,  # Weight of the <think>...</think>answer format reward; 0: off.
+      overlong_cache=0))  # > 0: DAPO's soft overlong penalty over the last this many tokens.
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q_a,q_b,kv_a,kv_b,o"))
+  c.optimizer = common.optimizer(peak_lr=2e-4, warmup_steps=0, end_lr_fraction=1.0,
+                                 weight_decay=0.0)  # Constant.
+  # Routing biases frozen (gamma 0) and the MTP head left out: RL trains the policy's next token.
+  c.step = common.step(mtp_weight=0.0, mtp_weight_final=0.0, mtp_switch_step=0, bias_gamma=0.0,
+                       spike_zscore=0.0)
+  c.mesh = common.mesh()
+  common.add_loop(c, total_steps=100, log_every=5, checkpoint_every=20, keep_checkpoints=2,
+                  eval_every=0)
+  if arg == "dapo":
+    c.grpo.update(eps_high=0.28, aggregation="token_mean")
+    c.rollout.update(dynamic_sampling=True, overlong="filter")
+  elif arg == "dr_grpo":
+    c.grpo.update(advantage="dr_grpo", aggregation="constant")
+  elif arg == "gspo":
+    c.grpo.update(ratio="sequence", eps_low=3e-4, eps_high=4e-4)
+  elif arg == "cispo":
+    c.grpo.update(surrogate="cispo", eps_high=2.0, aggregation="token_mean")
+  elif arg == "rloo":
+    c.grpo.update(advantage="rloo", aggregation="token_mean")
+  elif arg:
+    raise ValueError(f"configs/grpo.py: unknown variant {arg!r}; known: cispo, dapo, dr_grpo, "
+                     "gspo, rloo")
+  return c

@@ -1,0 +1,228 @@
+"""The GRPO family's objective: group advantages, the clipped (or CISPO) surrogate per token, KL
+to a reference, and the loss aggregations, all selected by name (`GrpoConfig`).
+
+Advantages (per completion, over its group of G samples of one prompt):
+  grpo     (r - mean) / (std + eps), std with Bessel's correction as TRL computes it
+  dr_grpo  r - mean (Dr. GRPO: no std scaling)
+  rloo     r - mean of the other G - 1 (RLOO's leave-one-out baseline)
+Ratio: per token exp(logp - old), or per sequence (GSPO: exp of the length-normalised sum, the
+same for every token of the completion). Surrogate:
+  clip     -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), with dual-clip
+           (for A < 0 the loss is at most -dual_clip * A) when dual_clip > 1
+  cispo    -stop_gradient(min(ratio, 1 + eps_high)) * A * logp (CISPO's clipped IS weight)
+Truncated importance sampling multiplies each token's loss by stop_gradient(min(exp(old -
+sampler), tis_cap)): the trainer's log-probs at rollout time over the sampler's. KL to the
+reference (beta > 0): k1 = logp - ref, or k3 = exp(ref - logp) - (ref - logp) - 1, per token.
+Aggregation, as (sum, weight) for the one loss convention:
+  sequence_mean  mean over completions of each one's token mean (GRPO)
+  token_mean     mean over every completion token of the batch (DAPO)
+  constant       sum over tokens / max_new_tokens, mean over completions (Dr. GRPO)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from posttrain import lora
+from posttrain.rewards import RewardSet, length_penalty, task_accuracy, think_format
+from posttrain.rl import ADVANTAGES, RolloutBatches, RolloutConfig
+from posttrain.start import load_chat_model, tokenizer_record
+from posttrain.tasks import get_task
+from train.checkpoint import check_run_config
+from train.loop import Stage, loop_fields, run, run_model_fields
+from train.loss import sequence_logprobs
+from train.step import ModelTemplate, router_totals
+
+AGGREGATIONS = ("sequence_mean", "token_mean", "constant")
+RATIOS = ("token", "sequence")
+SURROGATES = ("clip", "cispo")
+KL_ESTIMATORS = ("k1", "k3")
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoConfig:
+  """The objective's choices (see the module docstring); defaults are DeepSeekMath's GRPO."""
+
+  advantage: str = "grpo"
+  aggregation: str = "sequence_mean"
+  ratio: str = "token"
+  surrogate: str = "clip"
+  eps_low: float = 0.2
+  eps_high: float = 0.2  # DAPO's clip-higher: 0.28.
+  dual_clip: float = 0.0  # > 1 enables dual-clip with this c (3 in the dual-clip paper).
+  beta: float = 0.0  # KL coefficient; 0 holds no reference model.
+  kl_estimator: str = "k3"
+  tis_cap: float = 0.0  # Truncated IS cap C (about 2); 0: off.
+  std_eps: float = 1e-4
+
+  def __post_init__(self):
+    for name, known in (("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS),
+                        ("ratio", RATIOS), ("surrogate", SURROGATES),
+                        ("kl_estimator", KL_ESTIMATORS)):
+      if getattr(self, name) not in known:
+        raise ValueError(f"grpo.{name} must be one of {known}, got {getattr(self, name)!r}")
+    if self.eps_low < 0 or self.eps_high < 0:
+      raise ValueError(f"grpo.eps_low/eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
+    if self.dual_clip and self.dual_clip <= 1:
+      raise ValueError(f"grpo.dual_clip must be 0 (off) or > 1, got {self.dual_clip}")
+    if self.beta < 0 or self.tis_cap < 0:
+      raise ValueError(f"grpo.beta and grpo.tis_cap must be >= 0, got {self.beta}, {self.tis_cap}")
+
+
+def token_losses(cfg: GrpoConfig, logp_BT, old_BT, advantages_B, mask_BT):
+  """Per-token surrogate losses [B, T] (zero off the completion mask) and the clip fraction."""
+  mask = mask_BT.astype(jnp.float32)
+  log_ratio = (logp_BT - old_BT) * mask
+  if cfg.ratio == "sequence":  # GSPO: one length-normalised ratio per completion.
+    seq = log_ratio.sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+    log_ratio = jnp.broadcast_to(seq[:, None], log_ratio.shape)
+  ratio = jnp.exp(log_ratio)
+  a = advantages_B[:, None].astype(jnp.float32)
+  if cfg.surrogate == "cispo":
+    weight = jax.lax.stop_gradient(jnp.minimum(ratio, 1.0 + cfg.eps_high))
+    loss = -weight * a * logp_BT
+    clipped = ratio > 1.0 + cfg.eps_high
+  else:
+    clipped_ratio = jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+    loss = -jnp.minimum(ratio * a, clipped_ratio * a)
+    if cfg.dual_clip:
+      loss = jnp.where(a < 0, jnp.minimum(loss, -cfg.dual_clip * a), loss)
+    clipped = (ratio * a) > (clipped_ratio * a)
+  clip_fraction = (clipped * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  return loss * mask, clip_fraction
+
+
+def kl_per_token(kind: str, logp_BT, ref_BT):
+  """The per-token KL(pi || ref) estimate from samples of pi: k1 or k3 (Schulman's)."""
+  if kind == "k1":
+    return logp_BT - ref_BT
+  d = ref_BT - logp_BT
+  return jnp.exp(d) - d - 1.0
+
+
+def aggregate(kind: str, per_token_BT, mask_BT, max_new_tokens: int):
+  """(sum, weight) of per-token values under aggregation `kind` (the loss convention)."""
+  mask = mask_BT.astype(jnp.float32)
+  lengths = mask.sum(-1)
+  if kind == "token_mean":
+    return per_token_BT.sum(), mask.sum()
+  rows = (lengths > 0).astype(jnp.float32)
+  if kind == "sequence_mean":
+    return (per_token_BT.sum(-1) / jnp.maximum(lengths, 1.0)).sum(), rows.sum()
+  return per_token_BT.sum() / max_new_tokens, rows.sum()
+
+
+def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None):
+  """The stage loss_fn `(policy, batch, frozen, step) -> (sum, weight, aux)` over a rollout
+  mini-batch. `reference(frozen)`: the reference model from the frozen trees (when beta > 0).
+
+  The batch holds `tokens` [B, T] (prompt then completion, right-padded), `completion_mask`
+  [B, T] (1 on completion tokens, entry t predicting tokens[t]), `advantages` [B], and the
+  rollout-time `old_logprobs` and `sampler_logprobs` [B, T].
+  """
+  def loss_fn(policy, batch, frozen, step):
+    del step
+    tokens, mask = batch["tokens"], batch["completion_mask"]
+    logp, _, out = sequence_logprobs(policy, tokens, mask, with_output=True)
+    per_token, clip_fraction = token_losses(cfg, logp, batch["old_logprobs"],
+                                            batch["advantages"], mask)
+    m = mask.astype(jnp.float32)
+    if cfg.tis_cap:
+      tis = jnp.minimum(jnp.exp(batch["old_logprobs"] - batch["sampler_logprobs"]), cfg.tis_cap)
+      per_token = per_token * jax.lax.stop_gradient(tis)
+    kl_sum = jnp.zeros(())
+    if cfg.beta:
+      ref, _ = sequence_logprobs(reference(frozen), tokens, mask)
+      kl = kl_per_token(cfg.kl_estimator, logp, jax.lax.stop_gradient(ref)) * m
+      per_token = per_token + cfg.beta * kl
+      kl_sum = kl.sum()
+    loss_sum, weight = aggregate(cfg.aggregation, per_token, mask, max_new_tokens)
+    tokens_n = m.sum()
+    # Sums the step divides by `weight`; token-level diagnostics are rescaled to token means.
+    per_weight = weight / jnp.maximum(tokens_n, 1.0)
+    sums = dict(loss=loss_sum, kl=kl_sum * per_weight, clip_fraction=clip_fraction * weight,
+                entropy_proxy=-(logp * m).sum() * per_weight)
+    totals = dict(completion_tokens=tokens_n, **router_totals(out))
+    return loss_sum, weight, dict(sums=sums, totals=totals)
+  return loss_fn
+
+
+def grpo_stage(c, workdir: str):
+  """The GRPO stage: rollouts of the policy on the tasks' train problems, verifier rewards, the
+  configured objective; full fine-tuning or LoRA, a reference model only when beta > 0."""
+  if not c.init_from:
+    raise ValueError("config.init_from is required: an SFT (or any chat) workdir or HF directory")
+  gcfg, rcfg = GrpoConfig(**dict(c.grpo)), RolloutConfig(**dict(c.rollout))
+  for name in ("total_steps", "checkpoint_every"):
+    if getattr(c, name) % rcfg.updates_per_rollout:
+      raise ValueError(f"config.{name} {getattr(c, name)} must be a multiple of the "
+                       f"{rcfg.updates_per_rollout} updates per rollout (epochs x minibatches), "
+                       "so every checkpoint falls between rollouts and resumes exactly")
+  policy, tokenizer = load_chat_model(c.init_from, workdir, dict(c.model_overrides))
+  cfg = policy.cfg
+  lora_cfg = lora.LoraConfig(**dict(c.lora))
+  run_config = dict(model=run_model_fields(cfg), data=c.data.to_dict(), init_from=c.init_from,
+                    tokenizer=tokenizer_record(tokenizer), lora=dataclasses.asdict(lora_cfg),
+                    grpo=dataclasses.asdict(gcfg), rollout=dataclasses.asdict(rcfg),
+                    rewards=c.rewards.to_dict())
+  check_run_config(workdir, dict(run_config, **loop_fields(c)))
+  names = [t.strip() for t in c.data.tasks.split(",") if t.strip()]
+  tasks = {n: get_task(n) for n in names}
+  problems = [p for n in names for p in tasks[n].problems("train", c.data.problems, c.data.seed)]
+  rewards, weights = {"accuracy": task_accuracy(tasks)}, {"accuracy": c.rewards.accuracy}
+  if c.rewards.format:
+    rewards["format"], weights["format"] = think_format, c.rewards.format
+  if c.rewards.overlong_cache:
+    rewards["overlong"] = length_penalty(rcfg.max_new_tokens, c.rewards.overlong_cache)
+    weights["overlong"] = 1.0
+  batches = RolloutBatches(problems, tokenizer, RewardSet(rewards, weights), rcfg,
+                           gcfg.advantage, seed=c.data.seed, std_eps=gcfg.std_eps)
+  width = batches.width
+  if width > cfg.max_seq_len:
+    raise ValueError(f"prompts of up to {batches.prompt_width} tokens + rollout.max_new_tokens "
+                     f"{rcfg.max_new_tokens} exceed the model's max_seq_len {cfg.max_seq_len}")
+  frozen, reference = None, None
+  if gcfg.beta:
+    template = ModelTemplate(policy)  # Structure only; the reference's weights are frozen trees.
+    # A copy: the policy's own buffers are donated to the train step.
+    frozen = {"reference": jax.tree.map(np.array, dict(
+        params=nnx.to_pure_dict(nnx.state(policy, nnx.Param)),
+        extra=nnx.to_pure_dict(nnx.state(policy, nnx.Not(nnx.Param)))))}
+    reference = lambda f: template.merge(f["reference"]["params"], f["reference"]["extra"])
+  rows = rcfg.rows // rcfg.minibatches
+  stage = Stage(
+      name="grpo", cfg=cfg, run_config=run_config, batches=batches, batch_size=rows,
+      tokens_per_batch=rows * width, loss_fn=grpo_loss(gcfg, rcfg.max_new_tokens, reference),
+      initial_model=lambda: policy, frozen=frozen, flops_per_token=cfg.flops_per_token(width))
+  return lora.apply(stage, lora_cfg) if lora_cfg.rank else stage
+
+
+def grpo(c, workdir: str) -> list[dict]:
+  """Runs (or resumes) GRPO; returns this invocation's logged metrics rows."""
+  return run(grpo_stage(c, workdir), c, workdir)
+
+
+def main(argv):
+  del argv
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  rows = grpo(_CONFIG.value, _WORKDIR.value)
+  if rows:
+    last = rows[-1]
+    print(f"done: step {last['step']} reward {last.get('reward', float('nan')):.3f}", flush=True)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "configs", "grpo.py"), "Run config file.")
+  _WORKDIR = flags.DEFINE_string("workdir", "workdir/grpo", "Checkpoints, metrics, tokenizer.")
+  app.run(main)

@@ -1,0 +1,96 @@
+"""Reward callables, as in TRL and tunix: `(prompts, completions, **fields) -> list[float]`.
+
+`prompts` and `completions` are texts (a completion is the assistant turn up to `<|end|>`);
+`fields` are per-row lists the caller passes along (here `problems`: the task Problem of each
+row). An RL stage combines several rewards with weights and logs each one separately
+(`RewardSet`). A reward that raises or returns the wrong number of values stops the run with an
+error naming it; a non-finite value stays NaN (the RL stage drops that row from the update and
+counts it), never replaced by a made-up score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Callable, Sequence
+
+import numpy as np
+
+from posttrain.chat import parse_response
+
+Reward = Callable[..., list]
+
+
+def task_accuracy(tasks: dict) -> Reward:
+  """Verifier accuracy over problems of several families (`tasks`: name -> task): each row is
+  scored by its own task's verifier (1 right, 0 wrong)."""
+  def accuracy(prompts, completions, problems, **fields):
+    del prompts, fields
+    return [float(tasks[p.task].verify(p, c).score) for p, c in zip(problems, completions)]
+  return accuracy
+
+
+def think_format(prompts, completions, **fields) -> list[float]:
+  """1 for `<think>reasoning</think>answer` (posttrain.chat.parse_response's well formed), else 0."""
+  del prompts, fields
+  return [1.0 if parse_response(c).well_formed else 0.0 for c in completions]
+
+
+def length_penalty(max_tokens: int, cache_tokens: int) -> Reward:
+  """DAPO's soft overlong penalty on completion token counts (`lengths` field): 0 up to
+  max_tokens - cache_tokens, then falling linearly to -1 at max_tokens (and -1 beyond)."""
+  if not 0 < cache_tokens <= max_tokens:
+    raise ValueError(f"length_penalty: need 0 < cache_tokens <= max_tokens, got {cache_tokens}, "
+                     f"{max_tokens}")
+
+  def overlong(prompts, completions, lengths, **fields):
+    del prompts, completions, fields
+    free = max_tokens - cache_tokens
+    return [max(-1.0, min(0.0, (free - n) / cache_tokens)) for n in lengths]
+  return overlong
+
+
+def _check_signature(name: str, fn: Reward) -> None:
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return
+  kinds = [p.kind for p in params.values()]
+  positional = [p for p in params.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  if len(positional) < 2 and inspect.Parameter.VAR_POSITIONAL not in kinds:
+    raise TypeError(f"reward {name!r}: a reward is called as fn(prompts, completions, **fields); "
+                    f"its signature is {inspect.signature(fn)}")
+
+
+@dataclasses.dataclass
+class RewardSet:
+  """Named rewards with weights: `total = sum_i weight_i * reward_i`, each also reported."""
+
+  rewards: dict  # name -> callable.
+  weights: dict  # name -> float.
+
+  def __post_init__(self):
+    if not self.rewards:
+      raise ValueError("RewardSet needs at least one reward")
+    missing = sorted(set(self.rewards) - set(self.weights))
+    if missing:
+      raise ValueError(f"RewardSet: no weight for rewards {missing}")
+    for name, fn in self.rewards.items():
+      _check_signature(name, fn)
+
+  def __call__(self, prompts: Sequence[str], completions: Sequence[str], **fields):
+    """(total [N], {name: values [N]}) for N completions."""
+    n = len(completions)
+    parts = {}
+    for name, fn in self.rewards.items():
+      try:
+        values = fn(list(prompts), list(completions), **fields)
+      except Exception as e:
+        raise RuntimeError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
+      values = np.asarray(list(values), np.float64)
+      if values.shape != (n,):
+        raise ValueError(f"reward {name!r} returned {values.size} values for {n} completions")
+      parts[name] = values
+    total = sum(self.weights[k] * v for k, v in parts.items())
+    return total, parts

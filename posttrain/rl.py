@@ -1,0 +1,227 @@
+"""The RL loop's batch source, shared by RLVR (GRPO family) and RLHF: each rollout samples P
+prompts x G completions from the current policy (posttrain/rollout.py, the one sampling path),
+scores them with reward callables, turns rewards into group advantages, and serves the rollout
+batch as mini-batches for one or more optimisation epochs. The training loop hands it the policy
+each step (`next_batch(policy)`); its state (rollout count, prompt order and cursor) is
+checkpointed with the model, so a resumed run samples exactly what the uninterrupted one would.
+
+Every rollout measures the rollout/training mismatch: the sampler's per-token log-probs against
+the training forward's on the same tokens (mean and max absolute difference, and the KL estimate
+mean(sampler - train) under the sampler).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from model.sampling import SamplingConfig
+from posttrain import chat, rollout
+from posttrain.rewards import RewardSet
+from posttrain.tasks import Problem
+from train.loss import sequence_logprobs
+
+OVERLONG = ("keep", "filter")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """How each rollout is sampled and served."""
+
+  prompts: int = 8  # P prompts per rollout.
+  samples: int = 8  # G completions per prompt.
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  top_p: float = 1.0
+  epochs: int = 1  # Optimisation passes over each rollout batch.
+  minibatches: int = 1  # Optimizer steps per pass (each a contiguous slice of the shuffled rows).
+  dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards, refill from new prompts.
+  max_refills: int = 3  # Extra rounds of P prompts dynamic sampling may draw per rollout.
+  overlong: str = "keep"  # "filter": completions cut by max_new_tokens get no loss (DAPO).
+  batch_size: int = 64  # Rows per sampling call.
+
+  def __post_init__(self):
+    if self.prompts < 1 or self.samples < 1:
+      raise ValueError(f"rollout.prompts and rollout.samples must be >= 1, got {self.prompts}, "
+                       f"{self.samples}")
+    if (self.prompts * self.samples) % self.minibatches:
+      raise ValueError(f"rollout.minibatches {self.minibatches} must divide prompts x samples = "
+                       f"{self.prompts * self.samples}")
+    if self.epochs < 1 or self.minibatches < 1 or self.max_refills < 0:
+      raise ValueError("rollout.epochs and rollout.minibatches must be >= 1, max_refills >= 0")
+    if self.overlong not in OVERLONG:
+      raise ValueError(f"rollout.overlong must be one of {OVERLONG}, got {self.overlong!r}")
+
+  @property
+  def updates_per_rollout(self) -> int:
+    return self.epochs * self.minibatches
+
+  @property
+  def rows(self) -> int:
+    return self.prompts * self.samples
+
+
+def group_advantages(rewards_PG: np.ndarray, kind: str, eps: float = 1e-4) -> np.ndarray:
+  """[P, G] advantages of G rewards per prompt (float64 numpy), by `kind` in ADVANTAGES.
+  Non-finite rewards get advantage 0 and are left out of their group's statistics."""
+  r = np.asarray(rewards_PG, np.float64)
+  finite = np.isfinite(r)
+  n = finite.sum(1, keepdims=True)
+  total = np.where(finite, r, 0.0).sum(1, keepdims=True)
+  mean = total / np.maximum(n, 1)
+  if kind == "grpo":
+    var = np.where(finite, (r - mean) ** 2, 0.0).sum(1, keepdims=True) / np.maximum(n - 1, 1)
+    out = (r - mean) / (np.sqrt(var) + eps)
+  elif kind == "dr_grpo":
+    out = r - mean
+  elif kind == "rloo":
+    if r.shape[1] < 2:
+      raise ValueError("rloo needs at least 2 samples per prompt")
+    out = np.where(n > 1, r - (total - r) / np.maximum(n - 1, 1), 0.0)
+  else:
+    raise ValueError(f"advantage must be one of {ADVANTAGES}, got {kind!r}")
+  return np.where(finite, out, 0.0)
+
+
+@nnx.jit
+def _training_logprobs(model, tokens_BT, mask_BT):
+  return sequence_logprobs(model, tokens_BT, mask_BT)[0]
+
+
+class RolloutBatches:
+  """Mini-batches of rollouts from the current policy over `problems` (a resumable source)."""
+
+  def __init__(self, problems: Sequence[Problem], tokenizer, rewards: RewardSet,
+               cfg: RolloutConfig, advantage: str, seed: int = 0,
+               std_eps: float = 1e-4):
+    if not problems:
+      raise ValueError("RolloutBatches: no problems to sample prompts from")
+    self.problems, self.tokenizer, self.rewards, self.cfg = list(problems), tokenizer, rewards, cfg
+    self.advantage, self.seed, self.std_eps = advantage, seed, std_eps
+    self.prompt_ids = [rollout.prompt_tokens(tokenizer, p, "chat") for p in self.problems]
+    self.prompt_width = max(len(p) for p in self.prompt_ids)
+    self.width = self.prompt_width + cfg.max_new_tokens  # Every row: one compiled shape.
+    pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0
+    self.sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p,
+                                   max_new_tokens=cfg.max_new_tokens,
+                                   stop_tokens=chat.stop_tokens(tokenizer), pad_token=pad)
+    self.rollouts, self.cursor, self.served = 0, 0, 0
+    self.buffer, self.metrics = None, []
+
+  # --- resumable state -------------------------------------------------------------------------
+  def get_state(self) -> dict:
+    return dict(rollouts=self.rollouts, cursor=self.cursor, served=self.served)
+
+  def set_state(self, state: dict) -> None:
+    if int(state["served"]) % self.cfg.updates_per_rollout:
+      raise ValueError(f"the checkpoint was written {int(state['served'])} mini-batches into a "
+                       f"rollout of {self.cfg.updates_per_rollout}: it cannot resume exactly")
+    self.rollouts, self.cursor = int(state["rollouts"]), int(state["cursor"])
+    self.served, self.buffer = int(state["served"]), None
+
+  # --- prompts ---------------------------------------------------------------------------------
+  def _next_problems(self, count: int) -> list[int]:
+    """The next `count` problem indices of the per-pass shuffled order (deterministic in seed)."""
+    n, picked = len(self.problems), []
+    while len(picked) < count:
+      order = np.random.default_rng([self.seed, self.cursor // n]).permutation(n)
+      picked.append(int(order[self.cursor % n]))
+      self.cursor += 1
+    return picked
+
+  # --- one rollout -----------------------------------------------------------------------------
+  def _sample_groups(self, policy, indices: list[int], key):
+    g = self.cfg.samples
+    prompts = [self.prompt_ids[i] for i in indices for _ in range(g)]
+    out = rollout.sample(policy, prompts, self.sampling, key, min(self.cfg.batch_size, len(prompts)))
+    texts = [rollout.response_text(self.tokenizer, ids, "chat") for ids in out.tokens]
+    problems = [self.problems[i] for i in indices for _ in range(g)]
+    total, parts = self.rewards([p.prompt for p in problems], texts, problems=problems,
+                                lengths=[len(t) for t in out.tokens])
+    return prompts, out, total, parts
+
+  def _rollout(self, policy) -> None:
+    cfg, g = self.cfg, self.cfg.samples
+    key = jax.random.fold_in(jax.random.key(self.seed), self.rollouts)
+    kept, spare, drawn, rounds = [], [], 0, 0
+    while len(kept) < cfg.prompts and rounds <= (cfg.max_refills if cfg.dynamic_sampling else 0):
+      indices = self._next_problems(cfg.prompts)
+      prompts, out, total, parts = self._sample_groups(policy, indices, jax.random.fold_in(key, rounds))
+      for j in range(cfg.prompts):
+        rows = slice(j * g, (j + 1) * g)
+        group = dict(prompts=prompts[rows], tokens=out.tokens[rows], logprobs=out.logprobs[rows],
+                     truncated=out.truncated[rows], total=total[rows],
+                     parts={k: v[rows] for k, v in parts.items()})
+        r = group["total"]
+        informative = np.all(np.isfinite(r)) and (g == 1 or np.ptp(r) > 0)
+        (kept if informative or not cfg.dynamic_sampling else spare).append(group)
+      drawn += cfg.prompts
+      rounds += 1
+    groups = (kept + spare)[:cfg.prompts]  # Spare groups (no signal) are served masked.
+    masked = set(range(min(len(kept), cfg.prompts), cfg.prompts)) if cfg.dynamic_sampling else set()
+    self._build(policy, groups, masked, drawn, rounds)
+    self.rollouts += 1
+
+  def _build(self, policy, groups, masked, drawn, rounds) -> None:
+    cfg, t = self.cfg, self.width
+    n = cfg.rows
+    tokens = np.zeros((n, t), np.int32)
+    mask = np.zeros((n, t), np.float32)
+    sampler = np.zeros((n, t), np.float32)
+    rewards = np.stack([gr["total"] for gr in groups])  # [P, G]
+    finite = np.isfinite(rewards)
+    advantages = group_advantages(rewards, self.advantage, self.std_eps)
+    lengths, truncated = [], []
+    for j, gr in enumerate(groups):
+      for k in range(cfg.samples):
+        row = j * cfg.samples + k
+        p, c = gr["prompts"][k], gr["tokens"][k]
+        tokens[row, :len(p)] = p
+        tokens[row, len(p):len(p) + len(c)] = c
+        sampler[row, len(p):len(p) + len(c)] = gr["logprobs"][k]
+        use = (j not in masked and finite[j, k]
+               and not (cfg.overlong == "filter" and gr["truncated"][k]))
+        mask[row, len(p):len(p) + len(c)] = float(use)
+        lengths.append(len(c))
+        truncated.append(gr["truncated"][k])
+    old = np.asarray(jax.device_get(_training_logprobs(policy, tokens, mask)))
+    order = np.random.default_rng([self.seed, self.rollouts, 1]).permutation(n)
+    self.buffer = dict(tokens=tokens[order], completion_mask=mask[order],
+                       advantages=advantages.reshape(-1)[order].astype(np.float32),
+                       old_logprobs=old[order], sampler_logprobs=sampler[order])
+    on = mask > 0
+    diff = (old - sampler)[on]
+    parts = {k: np.stack([gr["parts"][k] for gr in groups]) for k in groups[0]["parts"]}
+    m = dict(reward=float(np.nanmean(rewards)), reward_std=float(np.nanstd(rewards)),
+             completion_length=float(np.mean(lengths)), truncated=float(np.mean(truncated)),
+             reward_nonfinite=float((~finite).sum()), prompts_drawn=float(drawn),
+             sampling_rounds=float(rounds), groups_masked=float(len(masked)),
+             groups_all_equal=float(np.sum(np.ptp(np.where(finite, rewards, 0), axis=1) == 0)),
+             mismatch_mean=float(np.abs(diff).mean()) if diff.size else 0.0,
+             mismatch_max=float(np.abs(diff).max()) if diff.size else 0.0,
+             mismatch_kl=float((sampler[on] - old[on]).mean()) if diff.size else 0.0)
+    m.update({f"reward_{k}": float(np.nanmean(v)) for k, v in parts.items()})
+    self.metrics.append(m)
+
+  # --- the loop's interface --------------------------------------------------------------------
+  def next_batch(self, policy) -> dict:
+    """The next mini-batch; a new rollout with `policy` when the last one is used up."""
+    per = self.cfg.rows // self.cfg.minibatches
+    position = self.served % self.cfg.updates_per_rollout
+    if position == 0 or self.buffer is None:
+      self._rollout(policy)
+    start = (position % self.cfg.minibatches) * per
+    self.served += 1
+    return {k: v[start:start + per] for k, v in self.buffer.items()}
+
+  def pop_metrics(self) -> dict:
+    """Means of the rollout metrics since the last call (empty when there was no rollout)."""
+    rows, self.metrics = self.metrics, []
+    if not rows:
+      return {}
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}

@@ -1,0 +1,259 @@
+"""GRPO family: advantages, surrogates, KL and aggregation against direct float64 loops; the
+rollout batch source (masks, sampler/trainer agreement, dynamic sampling, exact resume); the
+reward set's errors; one end-to-end run that resumes exactly."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from posttrain import chat
+from posttrain.grpo import GrpoConfig, aggregate, grpo_loss, kl_per_token, token_losses
+from posttrain.rewards import RewardSet, length_penalty, think_format
+from posttrain.rl import RolloutBatches, RolloutConfig, group_advantages
+
+RNG = np.random.default_rng(0)
+
+
+def test_group_advantages_match_direct_loops():
+  r = RNG.integers(0, 2, (5, 6)).astype(float) + RNG.normal(0, 0.1, (5, 6))
+  grpo, dr, rloo = (group_advantages(r, k, eps=1e-4) for k in ("grpo", "dr_grpo", "rloo"))
+  for i in range(5):
+    mean = sum(r[i]) / 6
+    std = (sum((x - mean) ** 2 for x in r[i]) / 5) ** 0.5
+    for j in range(6):
+      assert grpo[i, j] == pytest.approx((r[i, j] - mean) / (std + 1e-4), rel=1e-12)
+      assert dr[i, j] == pytest.approx(r[i, j] - mean, abs=1e-12)
+      others = [r[i, k] for k in range(6) if k != j]
+      assert rloo[i, j] == pytest.approx(r[i, j] - sum(others) / 5, abs=1e-12)
+  assert np.all(group_advantages(np.ones((2, 4)), "grpo") == 0)
+  with_nan = r.copy()
+  with_nan[0, 0] = np.nan  # Left out of its group's statistics, advantage 0.
+  for kind in ("grpo", "dr_grpo", "rloo"):
+    got = group_advantages(with_nan, kind)
+    assert got[0, 0] == 0
+    np.testing.assert_allclose(got[0, 1:], group_advantages(r[:1, 1:], kind)[0], rtol=1e-12)
+    np.testing.assert_allclose(got[1:], group_advantages(r[1:], kind), rtol=1e-12)
+
+
+def _direct_token_loss(cfg, logp, old, adv):
+  """Per-token surrogate, written out per scalar (float64)."""
+  out = np.zeros_like(logp, dtype=np.float64)
+  for b in range(logp.shape[0]):
+    for t in range(logp.shape[1]):
+      ratio = np.exp(logp[b, t] - old[b, t])
+      a = adv[b]
+      if cfg.surrogate == "cispo":
+        out[b, t] = -min(ratio, 1 + cfg.eps_high) * a * logp[b, t]
+        continue
+      clipped = min(max(ratio, 1 - cfg.eps_low), 1 + cfg.eps_high)
+      loss = -min(ratio * a, clipped * a)
+      if cfg.dual_clip and a < 0:
+        loss = min(loss, -cfg.dual_clip * a)
+      out[b, t] = loss
+  return out
+
+
+@pytest.mark.parametrize("cfg", [GrpoConfig(), GrpoConfig(eps_high=0.28, dual_clip=3.0),
+                                 GrpoConfig(surrogate="cispo", eps_high=0.5)])
+def test_token_losses_match_a_direct_loop(cfg):
+  logp = RNG.normal(-2, 0.5, (4, 7))
+  old = logp + RNG.normal(0, 0.4, (4, 7))
+  adv = np.array([1.5, -0.7, -2.0, 0.3])
+  mask = np.ones((4, 7))
+  got, clip_fraction = token_losses(cfg, jnp.asarray(logp, jnp.float32), jnp.asarray(old, jnp.float32),
+                                    jnp.asarray(adv, jnp.float32), jnp.asarray(mask))
+  np.testing.assert_allclose(got, _direct_token_loss(cfg, logp, old, adv), rtol=1e-5, atol=1e-6)
+  assert 0 < float(clip_fraction) < 1
+
+
+def test_on_policy_gradient_is_the_policy_gradient():
+  """With old == logp the clipped loss's gradient is -A d logp (tokens masked out give none)."""
+  logp = jnp.asarray(RNG.normal(-1, 0.3, (3, 5)), jnp.float32)
+  adv = jnp.asarray([1.0, -2.0, 0.5], jnp.float32)
+  mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]], jnp.float32)
+  for cfg in (GrpoConfig(), GrpoConfig(surrogate="cispo")):
+    grad = jax.grad(lambda lp: token_losses(cfg, lp, jax.lax.stop_gradient(lp), adv, mask)[0].sum())(logp)
+    np.testing.assert_allclose(grad, -adv[:, None] * mask, rtol=1e-6)
+
+
+def test_sequence_ratio_is_the_length_normalised_ratio():
+  cfg = GrpoConfig(ratio="sequence", eps_low=10.0, eps_high=10.0)
+  logp = RNG.normal(-1, 0.3, (2, 4))
+  old = logp + RNG.normal(0, 0.2, (2, 4))
+  mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.float64)
+  got, _ = token_losses(cfg, jnp.asarray(logp, jnp.float32), jnp.asarray(old, jnp.float32),
+                        jnp.ones(2), jnp.asarray(mask))
+  for b in range(2):
+    n = mask[b].sum()
+    ratio = np.exp(sum((logp[b, t] - old[b, t]) for t in range(4) if mask[b, t]) / n)
+    np.testing.assert_allclose(np.asarray(got[b])[mask[b] > 0], -ratio, rtol=1e-5)
+
+
+def test_kl_estimators_and_aggregations():
+  logp = RNG.normal(-1, 0.3, (3, 4))
+  ref = logp + RNG.normal(0, 0.3, (3, 4))
+  k3 = np.asarray(kl_per_token("k3", jnp.asarray(logp), jnp.asarray(ref)))
+  np.testing.assert_allclose(k3, np.exp(ref - logp) - (ref - logp) - 1, rtol=1e-4, atol=1e-6)
+  assert np.all(k3 >= 0)
+  np.testing.assert_allclose(kl_per_token("k1", jnp.asarray(logp), jnp.asarray(ref)), logp - ref,
+                             rtol=1e-5)
+  x = RNG.normal(0, 1, (3, 4))
+  mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], np.float64)
+  xm = x * mask
+  s, w = aggregate("sequence_mean", jnp.asarray(xm), jnp.asarray(mask), 10)
+  assert float(s / w) == pytest.approx((xm[0].sum() / 2 + xm[1].sum() / 4) / 2, rel=1e-5)
+  s, w = aggregate("token_mean", jnp.asarray(xm), jnp.asarray(mask), 10)
+  assert float(s / w) == pytest.approx(xm.sum() / 6, rel=1e-5)
+  s, w = aggregate("constant", jnp.asarray(xm), jnp.asarray(mask), 10)
+  assert float(s / w) == pytest.approx(xm.sum() / 10 / 2, rel=1e-5)
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="grpo.aggregation"):
+    GrpoConfig(aggregation="mean")
+  with pytest.raises(ValueError, match="dual_clip"):
+    GrpoConfig(dual_clip=0.5)
+  with pytest.raises(ValueError, match="minibatches 3 must divide"):
+    RolloutConfig(prompts=2, samples=4, minibatches=3)
+
+
+def test_reward_set_combines_and_rejects_bad_rewards():
+  completions = ["<think>a</think>5", "5", "<think>b</think>"]
+  rs = RewardSet({"format": think_format, "len": length_penalty(10, 4)}, {"format": 2.0, "len": 1.0})
+  total, parts = rs(["p"] * 3, completions, lengths=[3, 8, 12])
+  np.testing.assert_allclose(parts["format"], [1, 0, 0])
+  np.testing.assert_allclose(parts["len"], [0, -0.5, -1])
+  np.testing.assert_allclose(total, [2, -0.5, -1])
+  with pytest.raises(ValueError, match="returned 1 values for 3"):
+    RewardSet({"short": lambda p, c, **f: [1.0]}, {"short": 1.0})(["p"] * 3, completions)
+  with pytest.raises(RuntimeError, match="reward 'boom' raised ZeroDivisionError"):
+    RewardSet({"boom": lambda p, c, **f: [1 / 0]}, {"boom": 1.0})(["p"] * 3, completions)
+  with pytest.raises(TypeError, match="fn\\(prompts, completions"):
+    RewardSet({"bad": lambda completions: []}, {"bad": 1.0})
+  with pytest.raises(ValueError, match="no weight"):
+    RewardSet({"format": think_format}, {})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """A random tiny policy with a chat tokenizer trained on the corpus, and arithmetic problems."""
+  from conftest import small_config
+  from model.transformer import init_model
+  from posttrain.tasks import get_task
+  from train import corpus
+  from train.tokenizer import SentencePieceTokenizer, train_sentencepiece
+  sp = train_sentencepiece([corpus.document(0, i) for i in range(300)], vocab_size=320)
+  tok = SentencePieceTokenizer(chat.chat_tokenizer_file(sp, str(tmp_path_factory.mktemp("tok"))))
+  policy = init_model(small_config(vocab_size=tok.vocab_size, max_seq_len=64), seed=0)
+  return policy, tok, get_task("arithmetic").problems("train", 16)
+
+
+def _parity(prompts, completions, **fields):
+  return [float(len(c) % 2) for c in completions]
+
+
+def test_rollout_batches_masks_logprobs_epochs_and_exact_resume(world):
+  policy, tok, problems = world
+  cfg = RolloutConfig(prompts=2, samples=3, max_new_tokens=6, epochs=2, minibatches=2)
+  make = lambda: RolloutBatches(problems, tok, RewardSet({"parity": _parity}, {"parity": 1.0}),
+                                cfg, "grpo", seed=3)
+  a = make()
+  served = [a.next_batch(policy) for _ in range(4)]  # One rollout: 2 epochs x 2 mini-batches.
+  assert a.rollouts == 1
+  for k in served[0]:
+    np.testing.assert_array_equal(served[0][k], served[2][k])  # The second epoch repeats.
+    np.testing.assert_array_equal(served[1][k], served[3][k])
+  rows = np.concatenate([served[0]["tokens"], served[1]["tokens"]])
+  assert rows.shape == (6, a.width) and served[0]["advantages"].shape == (3,)
+  for b in served[:2]:
+    on = b["completion_mask"] > 0
+    assert on.any(axis=1).all()
+    for row in range(3):  # Completion positions follow the prompt, contiguously.
+      idx = np.flatnonzero(on[row])
+      assert np.all(np.diff(idx) == 1) and np.all(b["tokens"][row, idx[-1] + 1:] == 0)
+      assert b["tokens"][row, idx[0] - 1] == chat.special_id(tok, "<|assistant|>")
+    # The trainer's log-probs at rollout time agree with the sampler's (float32 CPU).
+    np.testing.assert_allclose(b["old_logprobs"][on], b["sampler_logprobs"][on], atol=1e-4)
+    assert np.all(b["sampler_logprobs"][on] < 0) and np.all(b["old_logprobs"][~on] == 0)
+  metrics = a.pop_metrics()
+  assert metrics["mismatch_max"] < 1e-4 and 0 <= metrics["reward"] <= 1 and a.pop_metrics() == {}
+  state = json.loads(json.dumps(a.get_state()))  # As the checkpoint stores it.
+  b = make()
+  b.set_state(state)
+  for _ in range(2):
+    x, y = a.next_batch(policy), b.next_batch(policy)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  with pytest.raises(ValueError, match="mini-batches into a rollout"):
+    make().set_state(dict(state, served=1))
+
+
+def test_dynamic_sampling_masks_groups_without_signal(world):
+  policy, tok, problems = world
+  cfg = RolloutConfig(prompts=2, samples=3, max_new_tokens=6, dynamic_sampling=True, max_refills=2)
+  constant = lambda prompts, completions, **f: [1.0] * len(completions)
+  src = RolloutBatches(problems, tok, RewardSet({"one": constant}, {"one": 1.0}), cfg, "grpo")
+  batch = src.next_batch(policy)
+  m = src.pop_metrics()
+  assert m["sampling_rounds"] == 3 and m["prompts_drawn"] == 6 and m["groups_masked"] == 2
+  assert batch["completion_mask"].sum() == 0 and src.cursor == 6
+  nan = lambda prompts, completions, **f: [float("nan")] + [0.0] * (len(completions) - 1)
+  src = RolloutBatches(problems, tok, RewardSet({"nan": nan}, {"nan": 1.0}),
+                       RolloutConfig(prompts=2, samples=3, max_new_tokens=6), "dr_grpo")
+  batch = src.next_batch(policy)
+  assert src.pop_metrics()["reward_nonfinite"] == 1
+  assert np.isfinite(batch["advantages"]).all() and np.isfinite(src.buffer["advantages"]).all()
+  assert (batch["completion_mask"].sum(1) == 0).sum() == 1  # Only the NaN row is dropped.
+
+
+@pytest.mark.slow
+def test_grpo_end_to_end_resumes_exactly(tmp_path):
+  """Pre-train 3 steps, GRPO 4 steps (2 rollouts x 2 mini-batches, KL to the reference on);
+  resumed from the step-2 checkpoint it ends with the uninterrupted run's parameters and metrics,
+  bitwise."""
+  from flax import nnx
+  from configs.grpo import get_config as grpo_config
+  from configs.pretrain import get_config as pretrain_config
+  from posttrain.grpo import grpo
+  from train.checkpoint import load_model
+  from train.loop import pretrain
+  c = pretrain_config()
+  c.total_steps, c.log_every, c.checkpoint_every, c.eval_every = 3, 1, 3, 0
+  c.optimizer.warmup_steps, c.peak_flops = 1, 1e11
+  c.data.builtin_docs, c.data.batch_size, c.tokenizer.train_docs = 400, 2, 400
+  c.model_overrides.vocab_size = 320
+  pretrain(c, str(tmp_path / "pre"))
+
+  def config(steps):
+    g = grpo_config("dapo")
+    g.init_from = str(tmp_path / "pre")
+    g.total_steps, g.log_every, g.checkpoint_every, g.peak_flops = steps, 1, 2, 1e11
+    g.data.problems = 20
+    g.rollout.update(prompts=2, samples=2, max_new_tokens=6, minibatches=2, max_refills=1)
+    g.grpo.beta, g.rewards.format = 0.04, 0.5
+    return g
+  rows = grpo(config(4), str(tmp_path / "run"))
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) and "reward" in r for r in rows if r["step"] % 2)
+  full = jax.tree.leaves(nnx.state(load_model(str(tmp_path / "run"))))
+  shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")  # As if killed before the last save.
+  resumed = grpo(config(4), str(tmp_path / "run"))
+  assert [r["step"] for r in resumed] == [3, 4]
+  for before, after in zip(rows[2:], resumed):  # Step 3 sampled the second rollout.
+    keys = {"loss", "grad_norm", "kl"} | ({"reward", "completion_length"} if "reward" in before else set())
+    assert {k: before[k] for k in keys} == {k: after[k] for k in keys}
+  assert "reward" in resumed[0]
+  for x, y in zip(full, jax.tree.leaves(nnx.state(load_model(str(tmp_path / "run"))))):
+    np.testing.assert_array_equal(x, y)
+  with pytest.raises(ValueError, match="multiple of the 2 updates per rollout"):
+    grpo(dict_update(config(4), total_steps=5), str(tmp_path / "odd"))
+
+
+def dict_update(c, **changes):
+  for k, v in changes.items():
+    setattr(c, k, v)
+  return c
