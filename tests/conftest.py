@@ -18,3 +18,19 @@ def small_config(**changes) -> ModelConfig:
 @pytest.fixture
 def cfg():
   return small_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain(tmp_path_factory):
+  """A pre-training workdir of the default tiny model (vocabulary 320) after 3 steps: the start
+  of the post-training end-to-end tests, trained once per session."""
+  from configs.pretrain import get_config
+  from train.loop import pretrain
+  c = get_config()
+  c.total_steps, c.log_every, c.checkpoint_every, c.eval_every = 3, 1, 3, 0
+  c.optimizer.warmup_steps, c.peak_flops = 1, 1e11
+  c.data.builtin_docs, c.data.batch_size, c.tokenizer.train_docs = 400, 2, 400
+  c.model_overrides.vocab_size = 320
+  workdir = str(tmp_path_factory.mktemp("tiny_pretrain"))
+  pretrain(c, workdir)
+  return workdir

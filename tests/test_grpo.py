@@ -211,26 +211,18 @@ def test_dynamic_sampling_masks_groups_without_signal(world):
 
 
 @pytest.mark.slow
-def test_grpo_end_to_end_resumes_exactly(tmp_path):
-  """Pre-train 3 steps, GRPO 4 steps (2 rollouts x 2 mini-batches, KL to the reference on);
-  resumed from the step-2 checkpoint it ends with the uninterrupted run's parameters and metrics,
-  bitwise."""
+def test_grpo_end_to_end_resumes_exactly(tmp_path, tiny_pretrain):
+  """From a 3-step pre-training, GRPO 4 steps (2 rollouts x 2 mini-batches, KL to the reference
+  on); resumed from the step-2 checkpoint it ends with the uninterrupted run's parameters and
+  metrics, bitwise."""
   from flax import nnx
   from configs.grpo import get_config as grpo_config
-  from configs.pretrain import get_config as pretrain_config
   from posttrain.grpo import grpo
   from train.checkpoint import load_model
-  from train.loop import pretrain
-  c = pretrain_config()
-  c.total_steps, c.log_every, c.checkpoint_every, c.eval_every = 3, 1, 3, 0
-  c.optimizer.warmup_steps, c.peak_flops = 1, 1e11
-  c.data.builtin_docs, c.data.batch_size, c.tokenizer.train_docs = 400, 2, 400
-  c.model_overrides.vocab_size = 320
-  pretrain(c, str(tmp_path / "pre"))
 
   def config(steps):
     g = grpo_config("dapo")
-    g.init_from = str(tmp_path / "pre")
+    g.init_from = tiny_pretrain
     g.total_steps, g.log_every, g.checkpoint_every, g.peak_flops = steps, 1, 2, 1e11
     g.data.problems = 20
     g.rollout.update(prompts=2, samples=2, max_new_tokens=6, minibatches=2, max_refills=1)

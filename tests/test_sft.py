@@ -163,24 +163,16 @@ def test_lora_step_trains_only_adapters(model):
 
 
 @pytest.mark.slow
-def test_sft_lora_merge_and_eval_end_to_end(tmp_path):
-  """Pre-train 3 steps, SFT with LoRA 3 steps, merge; the merged export equals the in-training
-  model (1e-5); eval reads both and writes its report."""
-  from configs.pretrain import get_config as pretrain_config
+def test_sft_lora_merge_and_eval_end_to_end(tmp_path, tiny_pretrain):
+  """From a 3-step pre-training, SFT with LoRA 3 steps, merge; the merged export equals the
+  in-training model (1e-5); eval reads both and writes its report."""
   from configs.sft import get_config as sft_config
   from posttrain.eval import run_eval
   from posttrain.sft import sft
   from posttrain.start import load_chat_model
   from train.checkpoint import load_model
-  from train.loop import pretrain
-  c = pretrain_config()
-  c.total_steps, c.log_every, c.checkpoint_every, c.eval_every = 3, 1, 3, 0
-  c.optimizer.warmup_steps, c.peak_flops = 1, 1e11
-  c.data.builtin_docs, c.data.batch_size, c.tokenizer.train_docs = 400, 2, 400
-  c.model_overrides.vocab_size = 320
-  pretrain(c, str(tmp_path / "pre"))
   s = sft_config("lora")
-  s.init_from = str(tmp_path / "pre")
+  s.init_from = tiny_pretrain
   s.total_steps, s.log_every, s.checkpoint_every, s.eval_every = 3, 1, 3, 3
   s.optimizer.warmup_steps, s.peak_flops, s.eval_batches = 1, 1e11, 1
   s.data.builtin_examples, s.data.eval_examples, s.data.batch_size = 40, 8, 2
@@ -192,7 +184,7 @@ def test_sft_lora_merge_and_eval_end_to_end(tmp_path):
   lora.merge(str(tmp_path / "sft"), str(tmp_path / "merged"))
   unmerged, tokenizer = load_chat_model(str(tmp_path / "sft"))
   merged = load_model(str(tmp_path / "merged"))
-  base = load_model(str(tmp_path / "pre"))
+  base = load_model(tiny_pretrain)
   assert merged.cfg.vocab_size == tokenizer.vocab_size > base.cfg.vocab_size
   # Every adapted weight moved (the adapters trained), in dense and MoE layers alike.
   merged_params = nnx.to_pure_dict(nnx.state(merged, nnx.Param))
