@@ -118,9 +118,11 @@ def aggregate(kind: str, per_token_BT, mask_BT, max_new_tokens: int):
   return per_token_BT.sum() / max_new_tokens, rows.sum()
 
 
-def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None):
+def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None, temperature: float = 1.0):
   """The stage loss_fn `(policy, batch, frozen, step) -> (sum, weight, aux)` over a rollout
   mini-batch. `reference(frozen)`: the reference model from the frozen trees (when beta > 0).
+  Log-probabilities are taken at the rollout `temperature`: the policy optimised is the one
+  sampled, as TRL does.
 
   The batch holds `tokens` [B, T] (prompt then completion, right-padded), `completion_mask`
   [B, T] (1 on completion tokens, entry t predicting tokens[t]), `advantages` [B], and the
@@ -129,7 +131,8 @@ def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None):
   def loss_fn(policy, batch, frozen, step):
     del step
     tokens, mask = batch["tokens"], batch["completion_mask"]
-    logp, _, out = sequence_logprobs(policy, tokens, mask, with_output=True)
+    logp, _, out = sequence_logprobs(policy, tokens, mask, temperature=temperature,
+                                     with_output=True)
     per_token, clip_fraction = token_losses(cfg, logp, batch["old_logprobs"],
                                             batch["advantages"], mask)
     m = mask.astype(jnp.float32)
@@ -138,7 +141,7 @@ def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None):
       per_token = per_token * jax.lax.stop_gradient(tis)
     kl_sum = jnp.zeros(())
     if cfg.beta:
-      ref, _ = sequence_logprobs(reference(frozen), tokens, mask)
+      ref, _ = sequence_logprobs(reference(frozen), tokens, mask, temperature=temperature)
       kl = kl_per_token(cfg.kl_estimator, logp, jax.lax.stop_gradient(ref)) * m
       per_token = per_token + cfg.beta * kl
       kl_sum = kl.sum()
@@ -198,7 +201,8 @@ def grpo_stage(c, workdir: str):
   rows = rcfg.rows // rcfg.minibatches
   stage = Stage(
       name="grpo", cfg=cfg, run_config=run_config, batches=batches, batch_size=rows,
-      tokens_per_batch=rows * width, loss_fn=grpo_loss(gcfg, rcfg.max_new_tokens, reference),
+      tokens_per_batch=rows * width,
+      loss_fn=grpo_loss(gcfg, rcfg.max_new_tokens, reference, rcfg.temperature),
       initial_model=lambda: policy, frozen=frozen, flops_per_token=cfg.flops_per_token(width))
   return lora.apply(stage, lora_cfg) if lora_cfg.rank else stage
 

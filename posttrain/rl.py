@@ -6,13 +6,14 @@ each step (`next_batch(policy)`); its state (rollout count, prompt order and cur
 checkpointed with the model, so a resumed run samples exactly what the uninterrupted one would.
 
 Every rollout measures the rollout/training mismatch: the sampler's per-token log-probs against
-the training forward's on the same tokens (mean and max absolute difference, and the KL estimate
+the training forward's on the same tokens at the sampling temperature (the objective's policy) (mean and max absolute difference, and the KL estimate
 mean(sampler - train) under the sampler).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -88,9 +89,9 @@ def group_advantages(rewards_PG: np.ndarray, kind: str, eps: float = 1e-4) -> np
   return np.where(finite, out, 0.0)
 
 
-@nnx.jit
-def _training_logprobs(model, tokens_BT, mask_BT):
-  return sequence_logprobs(model, tokens_BT, mask_BT)[0]
+@functools.partial(nnx.jit, static_argnames=("temperature",))
+def _training_logprobs(model, tokens_BT, mask_BT, temperature: float):
+  return sequence_logprobs(model, tokens_BT, mask_BT, temperature=temperature)[0]
 
 
 class RolloutBatches:
@@ -189,7 +190,7 @@ class RolloutBatches:
         mask[row, len(p):len(p) + len(c)] = float(use)
         lengths.append(len(c))
         truncated.append(gr["truncated"][k])
-    old = np.asarray(jax.device_get(_training_logprobs(policy, tokens, mask)))
+    old = np.asarray(jax.device_get(_training_logprobs(policy, tokens, mask, cfg.temperature)))
     order = np.random.default_rng([self.seed, self.rollouts, 1]).permutation(n)
     self.buffer = dict(tokens=tokens[order], completion_mask=mask[order],
                        advantages=advantages.reshape(-1)[order].astype(np.float32),

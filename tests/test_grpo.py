@@ -194,7 +194,8 @@ def test_rollout_batches_masks_logprobs_epochs_and_exact_resume(world):
 
 def test_dynamic_sampling_masks_groups_without_signal(world):
   policy, tok, problems = world
-  cfg = RolloutConfig(prompts=2, samples=3, max_new_tokens=6, dynamic_sampling=True, max_refills=2)
+  cfg = RolloutConfig(prompts=2, samples=3, max_new_tokens=6, dynamic_sampling=True, max_refills=2,
+                      temperature=0.7)
   constant = lambda prompts, completions, **f: [1.0] * len(completions)
   src = RolloutBatches(problems, tok, RewardSet({"one": constant}, {"one": 1.0}), cfg, "grpo")
   batch = src.next_batch(policy)
@@ -203,9 +204,13 @@ def test_dynamic_sampling_masks_groups_without_signal(world):
   assert batch["completion_mask"].sum() == 0 and src.cursor == 6
   nan = lambda prompts, completions, **f: [float("nan")] + [0.0] * (len(completions) - 1)
   src = RolloutBatches(problems, tok, RewardSet({"nan": nan}, {"nan": 1.0}),
-                       RolloutConfig(prompts=2, samples=3, max_new_tokens=6), "dr_grpo")
+                       RolloutConfig(prompts=2, samples=3, max_new_tokens=6, temperature=0.7),
+                       "dr_grpo")
   batch = src.next_batch(policy)
-  assert src.pop_metrics()["reward_nonfinite"] == 1
+  m = src.pop_metrics()
+  assert m["reward_nonfinite"] == 1
+  # Below temperature 1 the trainer's log-probs are taken at the sampling temperature too.
+  assert 0 < m["mismatch_max"] < 1e-4
   assert np.isfinite(batch["advantages"]).all() and np.isfinite(src.buffer["advantages"]).all()
   assert (batch["completion_mask"].sum(1) == 0).sum() == 1  # Only the NaN row is dropped.
 
