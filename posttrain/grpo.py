@@ -22,7 +22,6 @@ Aggregation, as (sum, weight) for the one loss convention:
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -212,21 +211,6 @@ def grpo(c, workdir: str) -> list[dict]:
   return run(grpo_stage(c, workdir), c, workdir)
 
 
-def main(argv):
-  del argv
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)
-  rows = grpo(_CONFIG.value, _WORKDIR.value)
-  if rows:
-    last = rows[-1]
-    print(f"done: step {last['step']} reward {last.get('reward', float('nan')):.3f}", flush=True)
-
-
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "configs", "grpo.py"), "Run config file.")
-  _WORKDIR = flags.DEFINE_string("workdir", "workdir/grpo", "Checkpoints, metrics, tokenizer.")
-  app.run(main)
+  from posttrain.cli import run_stage_cli
+  run_stage_cli("grpo", grpo, lambda row: f"reward {row.get('reward', float('nan')):.3f}")

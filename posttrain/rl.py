@@ -6,8 +6,8 @@ each step (`next_batch(policy)`); its state (rollout count, prompt order and cur
 checkpointed with the model, so a resumed run samples exactly what the uninterrupted one would.
 
 Every rollout measures the rollout/training mismatch: the sampler's per-token log-probs against
-the training forward's on the same tokens at the sampling temperature (the objective's policy) (mean and max absolute difference, and the KL estimate
-mean(sampler - train) under the sampler).
+the training forward's on the same tokens, both at the sampling temperature: mean and max
+absolute difference, and the KL estimate mean(sampler - train) under the sampler.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ class RolloutBatches:
                                    stop_tokens=chat.stop_tokens(tokenizer), pad_token=pad)
     self.rollouts, self.cursor, self.served = 0, 0, 0
     self.buffer, self.metrics = None, []
+    self._pass, self._permutation = None, None
 
   # --- resumable state -------------------------------------------------------------------------
   def get_state(self) -> dict:
@@ -130,10 +131,17 @@ class RolloutBatches:
     """The next `count` problem indices of the per-pass shuffled order (deterministic in seed)."""
     n, picked = len(self.problems), []
     while len(picked) < count:
-      order = np.random.default_rng([self.seed, self.cursor // n]).permutation(n)
+      order = self._order(self.cursor // n)
       picked.append(int(order[self.cursor % n]))
       self.cursor += 1
     return picked
+
+  def _order(self, epoch: int) -> np.ndarray:
+    """The permutation of the problems for pass `epoch` over them (drawn once per pass)."""
+    if self._pass != epoch:
+      self._pass, self._permutation = epoch, np.random.default_rng(
+          [self.seed, epoch]).permutation(len(self.problems))
+    return self._permutation
 
   # --- one rollout -----------------------------------------------------------------------------
   def _sample_groups(self, policy, indices: list[int], key):

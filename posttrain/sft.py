@@ -92,20 +92,6 @@ def sft(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   return run(sft_stage(c, workdir), c, workdir)
 
 
-def main(argv):
-  del argv
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)
-  rows = sft(_CONFIG.value, _WORKDIR.value)
-  if rows:
-    print(f"done: step {rows[-1]['step']} loss {rows[-1]['loss']:.4f}", flush=True)
-
-
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "configs", "sft.py"), "Run config file.")
-  _WORKDIR = flags.DEFINE_string("workdir", "workdir/sft", "Checkpoints, metrics, tokenizer.")
-  app.run(main)
+  from posttrain.cli import run_stage_cli
+  run_stage_cli("sft", sft, lambda row: f"loss {row['loss']:.4f}")
