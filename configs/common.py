@@ -12,6 +12,14 @@ def mesh() -> ml_collections.ConfigDict:
       data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1))
 
 
+def model_overrides() -> ml_collections.ConfigDict:
+  """Execution fields a post-training stage applies over the loaded model's config (its weight
+  shapes are kept): dtype, remat and kernel choices."""
+  return ml_collections.ConfigDict(dict(
+      dtype="float32", remat_policy="none", attention_impl="auto", moe_impl="auto",
+      moe_dispatch="auto"))
+
+
 def optimizer(**changes) -> ml_collections.ConfigDict:
   """AdamW with warm-up and a decay (train/optimizer.py's OptimizerConfig fields)."""
   fields = dict(peak_lr=3e-3, end_lr_fraction=0.1, warmup_steps=20, schedule="cosine",
@@ -39,6 +47,19 @@ def add_loop(c: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDi
   for key, value in _changed(fields, changes, "loop").items():
     setattr(c, key, value)
   return c
+
+
+def preference_data(**changes) -> ml_collections.ConfigDict:
+  """The preference-pair block the reward model and DPO share."""
+  fields = dict(
+      source="builtin",  # Or "jsonl": {"prompt", "chosen", "rejected"[, "label", "margin"]}.
+      paths="", eval_paths="",  # Comma-separated JSONL files (source=jsonl).
+      tasks="arithmetic,countdown",  # Built-in pairs: these task families.
+      builtin_pairs=2000, eval_pairs=100,  # Per family (builtin).
+      rejected_kinds="wrong,malformed,rambling",
+      seq_len=128,  # Each side (prompt + response) right-padded to this many tokens.
+      batch_size=8, seed=0, truncation="truncate")
+  return ml_collections.ConfigDict(_changed(fields, changes, "data"))
 
 
 def _changed(fields: dict, changes: dict, block: str) -> dict:

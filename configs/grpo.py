@@ -19,9 +19,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.init_from = ""  # Required: an SFT workdir (any chat checkpoint) or a HF directory.
-  c.model_overrides = ml_collections.ConfigDict(dict(
-      dtype="float32", remat_policy="none", attention_impl="auto", moe_impl="auto",
-      moe_dispatch="auto"))
+  c.model_overrides = common.model_overrides()
   c.data = ml_collections.ConfigDict(dict(
       tasks="arithmetic,countdown",  # Built-in task families whose train problems are the prompts.
       problems=4000,  # Train problems per family.

@@ -17,10 +17,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.init_from = ""  # Required: a pre-training (or SFT) workdir or a HF directory.
-  # Execution fields over the loaded model's config (its weight shapes are kept).
-  c.model_overrides = ml_collections.ConfigDict(dict(
-      dtype="float32", remat_policy="none", attention_impl="auto", moe_impl="auto",
-      moe_dispatch="auto"))
+  c.model_overrides = common.model_overrides()
   c.data = ml_collections.ConfigDict(dict(
       source="builtin",  # Or "jsonl": {"messages": [...]} or {"prompt", "completion"} per line.
       paths="",  # Comma-separated JSONL files (source=jsonl).

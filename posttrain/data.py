@@ -115,29 +115,38 @@ def packed_batch(examples: Examples, rows: list[list[int]], seq_len: int) -> dic
               positions=positions[:, :-1], loss_mask=(same * masks[:, 1:]).astype(np.float32))
 
 
-class PackedBatches:
-  """An endless, resumable iterator of packed batches: `batch_size` rows per step (this process
-  gets its share), reshuffled every epoch; the state is (epoch, batch within the epoch)."""
+class EpochBatches:
+  """An endless, resumable iterator of batches of `batch_size` rows (this process gets its share),
+  the rows reshuffled every epoch (seeded by (seed, epoch)); the state is (epoch, batch within the
+  epoch). Subclasses say what a row is (`make_rows`) and how rows become arrays (`build`)."""
 
-  def __init__(self, examples: Examples, seq_len: int, batch_size: int, seed: int = 0,
-               process_index: int = 0, process_count: int = 1, shuffle: bool = True):
+  def __init__(self, batch_size: int, seed: int = 0, process_index: int = 0,
+               process_count: int = 1, shuffle: bool = True):
     if batch_size % process_count:
       raise ValueError(f"batch_size {batch_size} must divide by the {process_count} processes")
-    self.examples, self.seq_len, self.batch_size, self.seed = examples, seq_len, batch_size, seed
+    self.batch_size, self.seed = batch_size, seed
     self.shard, self.shuffle = (process_index, process_count), shuffle
-    self.lengths = [len(t) for t in examples.tokens]
     self.epoch, self.batch, self._rows_epoch, self._rows = 0, 0, None, None
-    if len(self.rows(0)) < batch_size:
-      raise ValueError(f"the data packs into {len(self.rows(0))} rows of {seq_len + 1} tokens, "
-                       f"fewer than one batch of {batch_size}: add examples or lower batch_size")
 
-  def rows(self, epoch: int) -> list[list[int]]:
-    """The packed rows of `epoch` (its shuffled order; examples in file order without shuffle)."""
+  def make_rows(self, order: np.ndarray) -> list:
+    """The rows of an epoch whose items come in `order`."""
+    raise NotImplementedError
+
+  def build(self, rows: list) -> dict:
+    """The batch arrays of `rows`."""
+    raise NotImplementedError
+
+  def items(self) -> int:
+    """How many items (examples, pairs) an epoch orders."""
+    raise NotImplementedError
+
+  def rows(self, epoch: int) -> list:
+    """The rows of `epoch` (its shuffled order; items in file order without shuffle)."""
     if self._rows_epoch != epoch:
-      n = len(self.lengths)
+      n = self.items()
       order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
                else np.arange(n))
-      self._rows, self._rows_epoch = pack_rows(self.lengths, order, self.seq_len + 1), epoch
+      self._rows, self._rows_epoch = self.make_rows(order), epoch
     return self._rows
 
   def batches_per_epoch(self) -> int:
@@ -154,7 +163,7 @@ class PackedBatches:
     self.batch += 1
     index, count = self.shard
     share = self.batch_size // count
-    return packed_batch(self.examples, rows[index * share:(index + 1) * share], self.seq_len)
+    return self.build(rows[index * share:(index + 1) * share])
 
   def get_state(self) -> dict:
     return dict(epoch=self.epoch, batch=self.batch)
@@ -162,10 +171,37 @@ class PackedBatches:
   def set_state(self, state: dict) -> None:
     self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
+  def fixed(self):
+    """Every full batch of one unshuffled epoch, in order (for held-out metrics)."""
+    self.shuffle, self.epoch, self.batch, self._rows_epoch = False, 0, 0, None
+    for _ in range(self.batches_per_epoch()):
+      yield next(self)
+
+
+class PackedBatches(EpochBatches):
+  """Packed (tokens, loss mask) examples: rows of `seq_len + 1` tokens (see the module doc)."""
+
+  def __init__(self, examples: Examples, seq_len: int, batch_size: int, seed: int = 0,
+               process_index: int = 0, process_count: int = 1, shuffle: bool = True):
+    super().__init__(batch_size, seed, process_index, process_count, shuffle)
+    self.examples, self.seq_len = examples, seq_len
+    self.lengths = [len(t) for t in examples.tokens]
+    if len(self.rows(0)) < batch_size:
+      raise ValueError(f"the data packs into {len(self.rows(0))} rows of {seq_len + 1} tokens, "
+                       f"fewer than one batch of {batch_size}: add examples or lower batch_size")
+
+  def items(self) -> int:
+    return len(self.lengths)
+
+  def make_rows(self, order):
+    return pack_rows(self.lengths, order, self.seq_len + 1)
+
+  def build(self, rows):
+    return packed_batch(self.examples, rows, self.seq_len)
+
 
 def fixed_batches(examples: Examples, seq_len: int, batch_size: int, process_index: int = 0,
                   process_count: int = 1):
   """Every full batch of `examples` once, in order (for held-out losses)."""
-  it = PackedBatches(examples, seq_len, batch_size, 0, process_index, process_count, shuffle=False)
-  for _ in range(it.batches_per_epoch()):
-    yield next(it)
+  return PackedBatches(examples, seq_len, batch_size, 0, process_index, process_count,
+                       shuffle=False).fixed()

@@ -25,18 +25,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from posttrain import lora
 from posttrain.rewards import RewardSet, length_penalty, task_accuracy, think_format
 from posttrain.rl import ADVANTAGES, RolloutBatches, RolloutConfig
-from posttrain.start import load_chat_model, tokenizer_record
+from posttrain.start import frozen_copy, load_chat_model, tokenizer_record
 from posttrain.tasks import get_task
 from train.checkpoint import check_run_config
 from train.loop import Stage, loop_fields, run, run_model_fields
 from train.loss import sequence_logprobs
-from train.step import ModelTemplate, router_totals
+from train.step import router_totals
 
 AGGREGATIONS = ("sequence_mean", "token_mean", "constant")
 RATIOS = ("token", "sequence")
@@ -191,12 +189,8 @@ def grpo_stage(c, workdir: str):
                      f"{rcfg.max_new_tokens} exceed the model's max_seq_len {cfg.max_seq_len}")
   frozen, reference = None, None
   if gcfg.beta:
-    template = ModelTemplate(policy)  # Structure only; the reference's weights are frozen trees.
-    # A copy: the policy's own buffers are donated to the train step.
-    frozen = {"reference": jax.tree.map(np.array, dict(
-        params=nnx.to_pure_dict(nnx.state(policy, nnx.Param)),
-        extra=nnx.to_pure_dict(nnx.state(policy, nnx.Not(nnx.Param)))))}
-    reference = lambda f: template.merge(f["reference"]["params"], f["reference"]["extra"])
+    tree, rebuild = frozen_copy(policy)
+    frozen, reference = {"reference": tree}, lambda f: rebuild(f["reference"])
   rows = rcfg.rows // rcfg.minibatches
   stage = Stage(
       name="grpo", cfg=cfg, run_config=run_config, batches=batches, batch_size=rows,

@@ -11,10 +11,15 @@ from __future__ import annotations
 import os
 import tempfile
 
+import jax
+import numpy as np
+from flax import nnx
+
 from model.transformer import Transformer, with_config
 from model.vocab import grow_vocab
 from posttrain.chat import SPECIAL_TOKENS, chat_tokenizer_file
 from posttrain.lora import load_policy
+from train.step import ModelTemplate
 from train.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
 
@@ -61,3 +66,13 @@ def load_chat_model(path: str, workdir: str | None = None, execution: dict | Non
   if execution:
     model = with_config(model, model.cfg.replace(**execution))
   return model, tokenizer
+
+
+def frozen_copy(model) -> tuple[dict, callable]:
+  """(tree, rebuild): a host copy of `model`'s variables {"params", "extra"}, to pass as a frozen
+  step argument (a reference policy; a copy, because the policy's own buffers are donated to the
+  train step), and `rebuild(tree)` -> the model with those values (inside the step)."""
+  template = ModelTemplate(model)  # Structure only.
+  tree = jax.tree.map(np.array, dict(params=nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                                     extra=nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))))
+  return tree, lambda t: template.merge(t["params"], t["extra"])

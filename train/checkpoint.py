@@ -86,9 +86,13 @@ def load_model(path: str, dtype: str | None = None) -> Transformer:
   if not os.path.exists(os.path.join(path, "run_config.json")):
     raise FileNotFoundError(f"{path!r} has neither config.json (HF) nor run_config.json (workdir)")
   with open(os.path.join(path, "run_config.json")) as f:
-    if (json.load(f).get("lora") or {}).get("rank"):
-      raise ValueError(f"{path!r} holds LoRA adapters, not a whole model: load it with "
-                       "posttrain.lora.load_policy or export it with `python -m posttrain.lora merge`")
+    run_config = json.load(f)
+  if (run_config.get("lora") or {}).get("rank"):
+    raise ValueError(f"{path!r} holds LoRA adapters, not a whole model: load it with "
+                     "posttrain.lora.load_policy or export it with `python -m posttrain.lora merge`")
+  if run_config.get("scored_head"):
+    raise ValueError(f"{path!r} holds a {run_config['scored_head']} model (a trunk with a scalar "
+                     "head), not a language model: load it with posttrain.heads.load_scored_model")
   cfg = workdir_model_config(path)
   if dtype is not None:
     cfg = cfg.replace(dtype=dtype)

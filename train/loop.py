@@ -49,6 +49,7 @@ class Stage:
   model_params: Optional[Callable] = None  # (trained, frozen) -> the model's parameters.
   eval_batches: Optional[Callable[[], Iterable[dict]]] = None  # Held-out batches, for eval_loss.
   flops_per_token: float = 0.0
+  perplexity: bool = True  # Whether eval_loss is a token cross-entropy (then eval_perplexity too).
 
 
 def config_differences(saved: ModelConfig, wanted: ModelConfig, ignore=EXECUTION_FIELDS) -> list:
@@ -172,7 +173,7 @@ def run(stage: Stage, c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   def held_out(params, extra, frozen, batch):
     full = params if stage.model_params is None else stage.model_params(params, frozen)
     _, weight, aux = loss_fn(template.merge(full, extra), batch, frozen, 0)
-    return aux["sums"]["loss"], weight
+    return aux["sums"], weight
   eval_loss = jit_sharded(held_out, mesh, None, None)
 
   def policy(state):  # The model being trained, as of `state`: what RL samples its rollouts from.
@@ -210,8 +211,9 @@ def run(stage: Stage, c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         row.update(data.pop_metrics())
       if (stage.eval_batches is not None and c.eval_every
           and (step % c.eval_every == 0 or step == c.total_steps)):
-        row["eval_loss"] = _evaluate(eval_loss, state, frozen, stage, c.eval_batches, mesh)
-        row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
+        row.update(_evaluate(eval_loss, state, frozen, stage, c.eval_batches, mesh))
+        if stage.perplexity:
+          row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
       writer.write(step, row)
       rows.append(dict(row, step=step))
       tick = time.perf_counter()
@@ -225,14 +227,19 @@ def run(stage: Stage, c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   return rows
 
 
-def _evaluate(eval_loss, state, frozen, stage: Stage, batches: int, mesh) -> float:
-  """The weighted mean held-out loss over the first `batches` full held-out batches."""
-  total = weight = 0.0
+def _evaluate(eval_loss, state, frozen, stage: Stage, batches: int, mesh) -> dict:
+  """Weighted means of the loss's metric sums over the first `batches` full held-out batches, as
+  eval_<name> (eval_loss; a reward model's eval_accuracy, ...); NaN when there is none."""
+  totals, weight = {}, 0.0
   for i, batch in enumerate(stage.eval_batches()):
     if i == batches:
       break
     if len(next(iter(batch.values()))) * jax.process_count() != stage.batch_size:
       break  # The last, partial batch would compile another shape.
-    s, w = eval_loss(state.params, state.extra, frozen, put_batch(batch, mesh, stage.batch_size))
-    total, weight = total + float(s), weight + float(w)
-  return total / weight if weight else float("nan")
+    sums, w = eval_loss(state.params, state.extra, frozen, put_batch(batch, mesh, stage.batch_size))
+    for k, v in jax.device_get(sums).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+    weight += float(w)
+  if not weight:
+    return {"eval_loss": float("nan")}
+  return {f"eval_{k}": v / weight for k, v in totals.items()}

@@ -67,6 +67,6 @@ class MetricsWriter:
     done = step - self.start_step
     rate = done / max(time.perf_counter() - self.start_time, 1e-9)
     eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
-    shown = " ".join(f"{k}={row[k]:.4g}" for k in ("loss", "eval_loss", "lr", "tokens_per_sec", "mfu")
-                     if isinstance(row.get(k), float))
+    keys = ("loss", "eval_loss", "accuracy", "eval_accuracy", "reward", "lr", "tokens_per_sec", "mfu")
+    shown = " ".join(f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), float))
     print(f"[{step}/{self.total_steps}] {shown} eta={eta:.0f}s", file=sys.stderr, flush=True)

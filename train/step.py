@@ -139,7 +139,10 @@ def pretrain_loss(cfg: "StepConfig"):
 
 
 def router_bias_update(extra: dict, load_LE: jax.Array, gamma) -> dict:
-  """bias_i += gamma * sign(mean load - load_i) for every MoE layer, main layers then MTP blocks."""
+  """bias_i += gamma * sign(mean load - load_i) for every MoE layer, main layers then MTP blocks.
+  A model with a head on a trunk (reward and value models) keeps the trunk's under "trunk"."""
+  if "trunk" in extra:
+    return dict(extra, trunk=router_bias_update(extra["trunk"], load_LE, gamma))
   delta_LE = gamma * jnp.sign(load_LE.mean(-1, keepdims=True) - load_LE)
   extra = jax.tree.map(lambda x: x, extra)
   n = 0
