@@ -15,25 +15,34 @@ from train.step import StepConfig, create_train_state, make_train_step
 
 def time_jax(cfg: ModelConfig, tokens: np.ndarray, steps: int,
              loss_mask: np.ndarray | None = None) -> float:
-  """Seconds per jitted train step (AdamW, no MTP), after a compiling warm-up step. `loss_mask`
-  [B, T] (over the predicted tokens, tokens[:, 1:]) weights the loss, as SFT's assistant mask
-  does; None: every token."""
+  """Seconds per jitted train step (AdamW, no MTP) of the language-model loss, after a compiling
+  warm-up step. `loss_mask` [B, T] (over the predicted tokens, tokens[:, 1:]) weights the loss, as
+  SFT's assistant mask does; None: every token."""
+  b, t = tokens.shape[0], tokens.shape[1] - 1
+  batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
+               positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+               segment_ids=np.ones((b, t), np.int32),
+               loss_mask=np.ones((b, t), np.float32) if loss_mask is None
+               else np.asarray(loss_mask, np.float32))
+  return time_step(cfg, batch, steps)
+
+
+def time_step(cfg: ModelConfig, batch: dict, steps: int, loss_fn=None, frozen=None) -> float:
+  """Seconds per jitted train step (AdamW) of a stage's `loss_fn` (default: the language-model
+  loss without MTP) on `batch`, with `frozen` trees (a reference model), after a warm-up step."""
   from model.transformer import init_model
   ocfg = opt.OptimizerConfig(peak_lr=1e-3, warmup_steps=0, total_steps=1000, weight_decay=0.0)
   tx = opt.make_optimizer(ocfg)
   template, state = create_train_state(init_model(cfg, seed=0), tx)
   step = jax.jit(make_train_step(template, tx, StepConfig(mtp_weight=0.0, balance_weight=0.0,
-                                                          bias_gamma=0.0)), donate_argnums=0)
-  b, t = tokens.shape[0], tokens.shape[1] - 1
-  batch = dict(inputs=jnp.asarray(tokens[:, :-1]), targets=jnp.asarray(tokens[:, 1:]),
-               positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
-               segment_ids=jnp.ones((b, t), jnp.int32),
-               loss_mask=jnp.ones((b, t), jnp.float32) if loss_mask is None
-               else jnp.asarray(loss_mask, jnp.float32))
-  state, metrics = step(state, batch)
+                                                          bias_gamma=0.0), loss_fn=loss_fn),
+                 donate_argnums=0)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  frozen = {} if frozen is None else frozen
+  state, metrics = step(state, batch, frozen)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for _ in range(steps):
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, frozen)
   jax.block_until_ready(metrics)
   return (time.perf_counter() - start) / steps

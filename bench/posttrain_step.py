@@ -1,16 +1,20 @@
-"""Post-training step throughput: our SFT step against TRL's SFTTrainer.
+"""Post-training step throughput: our SFT and DPO steps against TRL's SFTTrainer and DPOTrainer.
 
-The same config, random weights and batch of B rows x T tokens with a loss on the "assistant" part
-of each row only (the last 3/4, as in a chat example): our jitted step (the SFT stage's loss,
-AdamW) against SFTTrainer's training steps (PyTorch, eager, AdamW), both float32 on CPU. TRL is
-a benchmark peer only: `pip install -e .[hf,peers]`; without it, only our step is timed and a
-{"kind": "skipped"} line says why. Prints one JSON object per implementation, then the ratio.
+SFT: the same config, random weights and batch of B rows x T tokens with a loss on the
+"assistant" part of each row only (the last 3/4, as in a chat example). DPO: B pairs of T tokens a
+side (a shared prompt of T/4 tokens, then each response), the sigmoid loss with beta 0.1. Ours is
+the jitted step of the stage's loss (AdamW), timed with the reference log-probs cached (our
+default) and computed online by a frozen copy in the step (TRL's default, which this compares
+against); TRL's trainers run PyTorch eagerly (AdamW), both float32 on CPU. TRL is a benchmark
+peer only: `pip install -e .[hf,peers]`; without it, only our steps are timed and a
+{"kind": "skipped"} line says why. Prints one JSON object per implementation, then the ratios.
 
-  .venv/bin/python -m bench.posttrain_step --shape=bench-tiny --steps=5
+  .venv/bin/python -m bench.posttrain_step --shape=bench-tiny --steps=5 --stages=sft,dpo
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -18,7 +22,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from bench.jax_step import time_jax
+from bench.jax_step import time_jax, time_step
 from bench.shapes import bench_config
 from model import hf
 from model.config import ModelConfig
@@ -26,6 +30,7 @@ from model.config import ModelConfig
 _SHAPE = flags.DEFINE_string("shape", "bench-tiny", "Benchmark shape (bench/shapes.py).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per implementation (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed TRL steps first (allocator, autograd).")
+_STAGES = flags.DEFINE_list("stages", ["sft", "dpo"], "Which steps to time: sft, dpo.")
 
 
 def assistant_mask(b: int, t: int) -> np.ndarray:
@@ -42,6 +47,7 @@ def _tokenizer(vocab_size: int):
   import transformers
   vocab = {f"t{i}": i for i in range(vocab_size)}
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()  # "t3 t4" -> [3, 4] (DPO's text).
   return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1")
 
 
@@ -62,14 +68,6 @@ def time_trl(cfg: ModelConfig, tokens: np.ndarray, mask: np.ndarray, steps: int,
                assistant_masks=[0] + mask[i].astype(int).tolist()) for i in range(b)]
   data = datasets.Dataset.from_list(rows * (warmup + steps))
   times = []
-
-  class Timer(transformers.TrainerCallback):
-    def on_step_begin(self, args, state, control, **kw):
-      self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-      times.append(time.perf_counter() - self.start)
-
   with tempfile.TemporaryDirectory() as out:
     args = trl.SFTConfig(
         output_dir=out, max_steps=warmup + steps, per_device_train_batch_size=b,
@@ -78,22 +76,92 @@ def time_trl(cfg: ModelConfig, tokens: np.ndarray, mask: np.ndarray, steps: int,
         logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=True,
         dataloader_num_workers=0, bf16=False, fp16=False, seed=0)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data,
-                             processing_class=_tokenizer(cfg.vocab_size), callbacks=[Timer()])
+                             processing_class=_tokenizer(cfg.vocab_size), callbacks=[_step_timer(times)])
     trainer.train()
   return float(np.mean(times[warmup:]))
 
 
-def main(argv):
-  del argv
-  cfg, (b, t) = bench_config(_SHAPE.value)
-  tokens = np.random.default_rng(0).integers(2, cfg.vocab_size, (b, t + 1)).astype(np.int32)
-  mask = assistant_mask(b, t)
-  results = {"jax": time_jax(cfg, tokens, _STEPS.value, loss_mask=mask)}
+def _step_timer(times: list):
+  """A TrainerCallback that appends each optimizer step's seconds to `times`."""
+  import transformers
+
+  class StepTimer(transformers.TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+      self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+      times.append(time.perf_counter() - self.start)
+  return StepTimer()
+
+
+def pair_batch_arrays(tokens: np.ndarray, prompt: int) -> dict:
+  """Our DPO batch from [B, 2, T] token ids sharing their first `prompt` ids: both sides, their
+  response masks and last indices, hard labels and zero cached reference log-probs."""
+  b, _, t = tokens.shape
+  mask = np.zeros((b, t), np.float32)
+  mask[:, prompt:] = 1
+  return dict(chosen=tokens[:, 0], rejected=tokens[:, 1], chosen_mask=mask, rejected_mask=mask,
+              chosen_last=np.full((b,), t - 1, np.int32), rejected_last=np.full((b,), t - 1, np.int32),
+              label=np.ones((b,), np.float32), margin=np.zeros((b,), np.float32),
+              ref_chosen=np.zeros((b,), np.float32), ref_rejected=np.zeros((b,), np.float32))
+
+
+def time_dpo_ours(cfg: ModelConfig, batch: dict, steps: int) -> dict:
+  """Seconds per DPO step of ours, with cached and with online reference log-probs."""
+  from model.transformer import init_model
+  from posttrain.dpo import DpoConfig, dpo_loss
+  from posttrain.start import frozen_copy
+  tree, rebuild = frozen_copy(init_model(cfg, seed=0))
+  online = dpo_loss(DpoConfig(), reference=lambda f: rebuild(f["reference"]))
+  return {"jax_cached": time_step(cfg, batch, steps, dpo_loss(DpoConfig())),
+          "jax_online": time_step(cfg, batch, steps, online, frozen={"reference": tree})}
+
+
+def time_dpo_trl(cfg: ModelConfig, tokens: np.ndarray, prompt: int, steps: int,
+                 warmup: int) -> float:
+  """Seconds per DPOTrainer optimizer step (sigmoid loss, its reference model online)."""
+  import datasets
+  import torch
+  import transformers
+  import trl
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(
+      transformers.AutoConfig.for_model(**hf.to_hf_config(cfg))).float()
+  words = lambda ids: " ".join(f"t{i}" for i in ids)
+  # TRL appends eos to each response: one id fewer here keeps T tokens a side.
+  rows = [dict(prompt=words(row[0, :prompt]), chosen=" " + words(row[0, prompt:-1]),
+               rejected=" " + words(row[1, prompt:-1])) for row in tokens]
+  data = datasets.Dataset.from_list(rows * (warmup + steps))
+  times = []
+  with tempfile.TemporaryDirectory() as out:
+    args = trl.DPOConfig(
+        output_dir=out, max_steps=warmup + steps, per_device_train_batch_size=len(tokens),
+        max_length=tokens.shape[2], beta=0.1, loss_type=["sigmoid"], learning_rate=1e-3,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
+        adam_beta2=0.95, max_grad_norm=1.0, logging_steps=10**6, save_strategy="no",
+        report_to="none", use_cpu=True, dataloader_num_workers=0, bf16=False, fp16=False, seed=0)
+    trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                             train_dataset=data,
+                             processing_class=_tokenizer(cfg.vocab_size), callbacks=[_step_timer(times)])
+    trainer.train()
+  return float(np.mean(times[warmup:]))
+
+
+def _has_trl() -> bool:
   try:
     import trl  # noqa: F401
   except ImportError as e:
     print(json.dumps(dict(kind="skipped", impl="trl", reason=f"{e}; pip install -e .[hf,peers]")))
-  else:
+    return False
+  return True
+
+
+def bench_sft(cfg: ModelConfig, b: int, t: int, trl_ok: bool) -> None:
+  """Prints the SFT step rows and ratio."""
+  tokens = np.random.default_rng(0).integers(2, cfg.vocab_size, (b, t + 1)).astype(np.int32)
+  mask = assistant_mask(b, t)
+  results = {"jax": time_jax(cfg, tokens, _STEPS.value, loss_mask=mask)}
+  if trl_ok:
     results["trl"] = time_trl(cfg, tokens, mask, _STEPS.value, _WARMUP.value)
   for impl, seconds in results.items():
     print(json.dumps(dict(kind="step", stage="sft", shape=_SHAPE.value, impl=impl, batch=b,
@@ -102,6 +170,38 @@ def main(argv):
   if "trl" in results:
     print(json.dumps(dict(kind="ratio", stage="sft", shape=_SHAPE.value,
                           ours_over_trl=results["trl"] / results["jax"])), flush=True)
+
+
+def bench_dpo(cfg: ModelConfig, b: int, t: int, trl_ok: bool) -> None:
+  """Prints the DPO step rows (B pairs, T tokens a side) and ratios."""
+  rng = np.random.default_rng(1)
+  prompt = t // 4
+  tokens = rng.integers(2, cfg.vocab_size, (b, 2, t)).astype(np.int32)
+  tokens[:, 1, :prompt] = tokens[:, 0, :prompt]
+  results = time_dpo_ours(cfg, pair_batch_arrays(tokens, prompt), _STEPS.value)
+  if trl_ok:
+    results["trl"] = time_dpo_trl(cfg, tokens, prompt, _STEPS.value, _WARMUP.value)
+  for impl, seconds in results.items():
+    print(json.dumps(dict(kind="step", stage="dpo", shape=_SHAPE.value, impl=impl, pairs=b,
+                          tokens_per_side=t, seconds_per_step=seconds,
+                          pairs_per_sec=b / seconds)), flush=True)
+  if "trl" in results:
+    print(json.dumps(dict(kind="ratio", stage="dpo", shape=_SHAPE.value,
+                          ours_over_trl=results["trl"] / results["jax_online"],
+                          ours_cached_over_trl=results["trl"] / results["jax_cached"])), flush=True)
+
+
+def main(argv):
+  del argv
+  cfg, (b, t) = bench_config(_SHAPE.value)
+  trl_ok = _has_trl()
+  unknown = sorted(set(_STAGES.value) - {"sft", "dpo"})
+  if unknown:
+    raise SystemExit(f"--stages: unknown {unknown}; known: sft, dpo")
+  if "sft" in _STAGES.value:
+    bench_sft(cfg, b, t, trl_ok)
+  if "dpo" in _STAGES.value:
+    bench_dpo(cfg, b, t, trl_ok)
 
 
 if __name__ == "__main__":

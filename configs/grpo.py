@@ -4,6 +4,7 @@
       --config.init_from=workdir/sft
   python -m posttrain.grpo --config=configs/grpo.py:dapo ...   # clip-higher, token mean, dynamic sampling
   python -m posttrain.grpo --config=configs/grpo.py:dr_grpo ... # no std scaling, constant normaliser
+  python -m posttrain.grpo --config=configs/grpo.py:rlhf --config.rewards.reward_model=workdir/rm ...
 
 Each step samples rollout.prompts x rollout.samples completions from the current policy on the
 tasks' train problems, scores them with the verifiers, and takes rollout.epochs x
@@ -34,7 +35,9 @@ def get_config(arg=None):
   c.rewards = ml_collections.ConfigDict(dict(
       accuracy=1.0,  # Weight of the verifier's score.
       format=0.0,  # Weight of the <think>...</think>answer format reward; 0: off.
-      overlong_cache=0))  # > 0: DAPO's soft overlong penalty over the last this many tokens.
+      overlong_cache=0,  # > 0: DAPO's soft overlong penalty over the last this many tokens.
+      reward_model="",  # A reward-model workdir (posttrain.reward_model): RLHF against it.
+      reward_model_weight=1.0))
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q_a,q_b,kv_a,kv_b,o"))
   c.optimizer = common.optimizer(peak_lr=2e-4, warmup_steps=0, end_lr_fraction=1.0,
                                  weight_decay=0.0)  # Constant.
@@ -55,7 +58,10 @@ def get_config(arg=None):
     c.grpo.update(surrogate="cispo", eps_high=2.0, aggregation="token_mean")
   elif arg == "rloo":
     c.grpo.update(advantage="rloo", aggregation="token_mean")
+  elif arg == "rlhf":  # GRPO against a learned reward: pass --config.rewards.reward_model=DIR.
+    c.rewards.accuracy = 0.0  # The verifier's score is logged (reward_accuracy), not optimised.
+    c.grpo.beta = 0.04
   elif arg:
     raise ValueError(f"configs/grpo.py: unknown variant {arg!r}; known: cispo, dapo, dr_grpo, "
-                     "gspo, rloo")
+                     "gspo, rlhf, rloo")
   return c

@@ -85,6 +85,12 @@ def validate_messages(messages, where: str = "") -> None:
                          f"token {token!r}")
 
 
+def turn_content(text: str) -> str:
+  """`text` up to its first structural token (a role token or `<|end|>`): what can stand as one
+  message's content (a sampled response may run on into a new turn)."""
+  return _STRUCTURE_RE.split(text, 1)[0]
+
+
 def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
   """The conversation as text; with `add_generation_prompt`, followed by `<|assistant|>`."""
   validate_messages(messages)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from posttrain import lora
+from posttrain.reward_model import reward_function
 from posttrain.rewards import RewardSet, length_penalty, task_accuracy, think_format
 from posttrain.rl import ADVANTAGES, RolloutBatches, RolloutConfig
 from posttrain.start import frozen_copy, load_chat_model, tokenizer_record
@@ -178,6 +179,12 @@ def grpo_stage(c, workdir: str):
   rewards, weights = {"accuracy": task_accuracy(tasks)}, {"accuracy": c.rewards.accuracy}
   if c.rewards.format:
     rewards["format"], weights["format"] = think_format, c.rewards.format
+  if c.rewards.reward_model:  # RLHF: a learned reward (the verifier's accuracy is still logged).
+    rewards["reward_model"] = reward_function(c.rewards.reward_model)
+    weights["reward_model"] = c.rewards.reward_model_weight
+  if not any(weights.values()):
+    raise ValueError("config.rewards: every reward has weight 0 (the rlhf variant needs "
+                     "--config.rewards.reward_model=DIR)")
   if c.rewards.overlong_cache:
     rewards["overlong"] = length_penalty(rcfg.max_new_tokens, c.rewards.overlong_cache)
     weights["overlong"] = 1.0

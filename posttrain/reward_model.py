@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from posttrain.chat import encode_chat
+from posttrain.chat import encode_chat, turn_content
 from posttrain.heads import ScoredModel, last_token_scores, load_scored_model
 from posttrain.preferences import pair_data
 from posttrain.start import load_chat_model, tokenizer_record
@@ -121,12 +121,12 @@ def score_chats(model: ScoredModel, tokenizer, chats, batch_size: int = 32) -> n
 def reward_function(path: str, batch_size: int = 32):
   """The reward model of workdir `path` as a reward callable
   `(prompts, completions, **fields) -> list[float]` (posttrain/rewards.py): each prompt a user
-  turn, its completion the assistant's reply."""
+  turn, its completion the assistant's reply (up to any structural token it runs on into)."""
   model, tokenizer = load_scored_model(path, "reward"), load_tokenizer(path)
 
   def reward_model(prompts, completions, **fields):
     del fields
-    chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+    chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": turn_content(c)}]
              for p, c in zip(prompts, completions)]
     return [float(x) for x in score_chats(model, tokenizer, chats, batch_size)]
   return reward_model

@@ -102,3 +102,16 @@ def test_reward_model_learns_a_planted_preference(tmp_path, tiny_pretrain):
   rejected = rm(prompts, [p.rejected[0]["content"] for p in held])
   assert np.mean(np.array(chosen) > np.array(rejected)) >= 0.95
   assert isinstance(load_scored_model(workdir), ScoredModel)
+  # RLHF: the reward model as the reward of a GRPO rollout; the verifier's score is still logged.
+  from configs.grpo import get_config as grpo_config
+  from posttrain.grpo import grpo_stage
+  g = grpo_config("rlhf")
+  g.init_from, g.rewards.reward_model = tiny_pretrain, workdir
+  g.rollout.update(prompts=2, samples=2, max_new_tokens=8, batch_size=4)
+  g.data.problems = 8
+  stage = grpo_stage(g, str(tmp_path / "rlhf"))
+  batch = stage.batches.next_batch(stage.initial_model())
+  metrics = stage.batches.pop_metrics()
+  assert batch["tokens"].shape[0] == 4
+  assert np.isfinite(metrics["reward_reward_model"]) and "reward_accuracy" in metrics
+  assert metrics["reward"] == pytest.approx(metrics["reward_reward_model"])
