@@ -22,6 +22,7 @@ def get_config(arg=None):
   c.dpo = ml_collections.ConfigDict(dict(
       loss="sigmoid",  # sigmoid (DPO) | ipo | simpo.
       beta=0.1, label_smoothing=0.0, simpo_gamma=0.5,
+      nll_weight=0.0,  # RPO: + this x the chosen side's mean token NLL.
       reference="cached"))  # cached: computed once into DIR; online: a frozen copy in the step.
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q_a,q_b,kv_a,kv_b,o"))
   c.optimizer = common.optimizer(peak_lr=5e-5, warmup_steps=10, end_lr_fraction=0.1,
@@ -38,9 +39,11 @@ def get_config(arg=None):
     c.optimizer.peak_lr = 1e-5
   elif arg == "cdpo":
     c.dpo.label_smoothing = 0.1
+  elif arg == "rpo":
+    c.dpo.nll_weight = 1.0
   elif arg == "lora":
     c.lora.rank = 8
     c.optimizer.peak_lr = 5e-4
   elif arg:
-    raise ValueError(f"configs/dpo.py: unknown variant {arg!r}; known: cdpo, ipo, lora, simpo")
+    raise ValueError(f"configs/dpo.py: unknown variant {arg!r}; known: cdpo, ipo, lora, rpo, simpo")
   return c

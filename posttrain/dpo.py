@@ -10,7 +10,8 @@ pair's preference probability (label 1 for hard pairs), smoothed p' = p (1 - eps
   ipo      (h - (p - 1/2) / beta)^2                                    (IPO; at p = 1: 1 / (2 beta))
   simpo    as sigmoid with beta h replaced by beta (s_c / |y_c| - s_r / |y_r|) - gamma
            (SimPO: reference-free, length-normalised, with a target margin gamma)
-Implicit rewards are beta (s - ref) (SimPO: beta s / |y|). Reference log-probabilities are the
+With nll_weight > 0 (RPO) each pair adds nll_weight x the chosen response's mean token NLL, which
+keeps the chosen likelihood from falling with the rejected one. Implicit rewards are beta (s - ref) (SimPO: beta s / |y|). Reference log-probabilities are the
 starting model's: computed once before training and cached in DIR/reference_logprobs.npz
 (reference="cached"), or by a frozen copy inside every step (reference="online").
 """
@@ -47,6 +48,7 @@ class DpoConfig:
   beta: float = 0.1
   label_smoothing: float = 0.0  # eps of conservative DPO (sigmoid and simpo).
   simpo_gamma: float = 0.5  # SimPO's target reward margin.
+  nll_weight: float = 0.0  # RPO (TRL's rpo_alpha): + weight x the chosen side's mean token NLL.
   reference: str = "cached"  # Or "online"; SimPO reads no reference.
 
   def __post_init__(self):
@@ -75,10 +77,12 @@ def preference_losses(cfg: DpoConfig, chosen_B, rejected_B, ref_chosen_B, ref_re
     r_c, r_r = cfg.beta * (chosen_B - ref_chosen_B), cfg.beta * (rejected_B - ref_rejected_B)
     logits = r_c - r_r
   if cfg.loss == "ipo":
-    h = logits / cfg.beta
-    return (h - (label_B - 0.5) / cfg.beta) ** 2, r_c, r_r
-  p = label_B * (1.0 - cfg.label_smoothing) + (1.0 - label_B) * cfg.label_smoothing
-  loss = -(p * jax.nn.log_sigmoid(logits) + (1.0 - p) * jax.nn.log_sigmoid(-logits))
+    loss = (logits / cfg.beta - (label_B - 0.5) / cfg.beta) ** 2
+  else:
+    p = label_B * (1.0 - cfg.label_smoothing) + (1.0 - label_B) * cfg.label_smoothing
+    loss = -(p * jax.nn.log_sigmoid(logits) + (1.0 - p) * jax.nn.log_sigmoid(-logits))
+  if cfg.nll_weight:  # RPO.
+    loss = loss - cfg.nll_weight * chosen_B / jnp.maximum(chosen_len_B, 1.0)
   return loss, r_c, r_r
 
 
@@ -105,9 +109,10 @@ def dpo_loss(cfg: DpoConfig, reference=None):
     lengths = mask.astype(jnp.float32).sum(-1)
     loss, r_c, r_r = preference_losses(cfg, logp[:b], logp[b:], ref_c, ref_r, batch["label"],
                                        lengths[:b], lengths[b:])
+    nll = -logp[:b] / jnp.maximum(lengths[:b], 1.0)
     sums = dict(loss=loss.sum(), accuracy=(r_c > r_r).astype(jnp.float32).sum(),
                 margin=(r_c - r_r).sum(), reward_chosen=r_c.sum(), reward_rejected=r_r.sum(),
-                logp_chosen=logp[:b].sum(), logp_rejected=logp[b:].sum())
+                logp_chosen=logp[:b].sum(), logp_rejected=logp[b:].sum(), nll_chosen=nll.sum())
     return loss.sum(), jnp.asarray(b, jnp.float32), dict(sums=sums, totals=router_totals(out))
   return loss_fn
 

@@ -45,6 +45,9 @@ def test_dpo_variants_match_hand_computations():
     z = beta * PC[i] / LEN_C[i] - beta * PR[i] / LEN_R[i] - gamma
     np.testing.assert_allclose(loss[i], -_log_sigmoid(z), rtol=1e-5)
     np.testing.assert_allclose(r_c[i], beta * PC[i] / LEN_C[i], rtol=1e-5)
+    loss, _, _ = _losses(DpoConfig(beta=beta, nll_weight=0.5))  # RPO.
+    np.testing.assert_allclose(loss[i], -_log_sigmoid(beta * h) - 0.5 * PC[i] / LEN_C[i],
+                               rtol=1e-5)
 
 
 def test_soft_labels():
