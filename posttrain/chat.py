@@ -85,6 +85,12 @@ def validate_messages(messages, where: str = "") -> None:
                          f"token {token!r}")
 
 
+def strip_structure(text: str) -> str:
+  """`text` with every structural token (role tokens, `<|end|>`) replaced by a space: any text,
+  a sampled response included, can then be quoted inside a message."""
+  return _STRUCTURE_RE.sub(" ", text)
+
+
 def turn_content(text: str) -> str:
   """`text` up to its first structural token (a role token or `<|end|>`): what can stand as one
   message's content (a sampled response may run on into a new turn)."""
@@ -137,7 +143,7 @@ def special_id(tokenizer, token: str) -> int:
   return i
 
 
-def _encode_text(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer, text: str) -> list[int]:
   """`text` with the special strings as their ids and the text between them tokenizer-encoded."""
   ids = []
   for part in _SPECIAL_RE.split(text):
@@ -155,7 +161,7 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
   end = special_id(tokenizer, END)
   tokens, mask = [tokenizer.bos_id], [0]
   for m in messages:
-    content = _encode_text(tokenizer, m["content"]) + [end]
+    content = encode_text(tokenizer, m["content"]) + [end]
     weight = 1 if m["role"] == "assistant" else 0
     tokens += [special_id(tokenizer, ROLE_TOKENS[m["role"]])] + content
     mask += [0] + [weight] * len(content)
@@ -164,7 +170,7 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
   """bos and the conversation with a generation prompt: what sampling continues from."""
-  return [tokenizer.bos_id] + _encode_text(tokenizer, render(messages, add_generation_prompt=True))
+  return [tokenizer.bos_id] + encode_text(tokenizer, render(messages, add_generation_prompt=True))
 
 
 def stop_tokens(tokenizer) -> tuple[int, ...]:

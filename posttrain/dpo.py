@@ -26,14 +26,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from posttrain import lora
 from posttrain.preferences import EncodedPairs, pair_batch, pair_data
 from posttrain.start import frozen_copy, load_chat_model, tokenizer_record
 from train.checkpoint import check_run_config
 from train.loop import Stage, loop_fields, run, run_model_fields
-from train.loss import sequence_logprobs
+from train.loss import jitted_logprobs, sequence_logprobs
 from train.step import router_totals
 
 LOSSES = ("sigmoid", "ipo", "simpo")
@@ -117,11 +116,6 @@ def dpo_loss(cfg: DpoConfig, reference=None):
   return loss_fn
 
 
-@nnx.jit
-def _pair_logprobs(model, tokens_BT, mask_BT):
-  return sequence_logprobs(model, tokens_BT, mask_BT)[1]
-
-
 def reference_logprobs(model, pairs: EncodedPairs, width: int, batch_size: int) -> dict:
   """Summed response log-probs of every pair's two sides under `model`: {"ref_chosen",
   "ref_rejected"} [N] float32 (the last batch padded with copies of the first pair)."""
@@ -132,7 +126,7 @@ def reference_logprobs(model, pairs: EncodedPairs, width: int, batch_size: int) 
     real = len(rows)
     batch = pair_batch(pairs, rows + [0] * (batch_size - real), width)
     tokens, mask = _both_sides(batch)
-    logp = np.asarray(jax.device_get(_pair_logprobs(model, tokens, mask)))
+    logp = np.asarray(jax.device_get(jitted_logprobs(model, tokens, mask)[1]))
     chosen.append(logp[:real])
     rejected.append(logp[batch_size:batch_size + real])
   return dict(ref_chosen=np.concatenate(chosen).astype(np.float32),

@@ -13,18 +13,16 @@ absolute difference, and the KL estimate mean(sampler - train) under the sampler
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 
 from model.sampling import SamplingConfig
 from posttrain import chat, rollout
 from posttrain.rewards import RewardSet
 from posttrain.tasks import Problem
-from train.loss import sequence_logprobs
+from train.loss import jitted_logprobs
 
 OVERLONG = ("keep", "filter")
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
@@ -87,11 +85,6 @@ def group_advantages(rewards_PG: np.ndarray, kind: str, eps: float = 1e-4) -> np
   else:
     raise ValueError(f"advantage must be one of {ADVANTAGES}, got {kind!r}")
   return np.where(finite, out, 0.0)
-
-
-@functools.partial(nnx.jit, static_argnames=("temperature",))
-def _training_logprobs(model, tokens_BT, mask_BT, temperature: float):
-  return sequence_logprobs(model, tokens_BT, mask_BT, temperature=temperature)[0]
 
 
 class RolloutBatches:
@@ -198,7 +191,7 @@ class RolloutBatches:
         mask[row, len(p):len(p) + len(c)] = float(use)
         lengths.append(len(c))
         truncated.append(gr["truncated"][k])
-    old = np.asarray(jax.device_get(_training_logprobs(policy, tokens, mask, cfg.temperature)))
+    old = np.asarray(jax.device_get(jitted_logprobs(policy, tokens, mask, cfg.temperature)[0]))
     order = np.random.default_rng([self.seed, self.rollouts, 1]).permutation(n)
     self.buffer = dict(tokens=tokens[order], completion_mask=mask[order],
                        advantages=advantages.reshape(-1)[order].astype(np.float32),

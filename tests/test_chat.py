@@ -106,7 +106,7 @@ def test_masks_weight_only_assistant_tokens(tokenizer_name, sp_chat):
       "<|system|>Youareterse.<|end|><|user|>Whatis2+3?<|end|><|assistant|><|user|>"
       "Andtimes4?\nShowit.<|end|><|assistant|>")
   # The tokens are those of the rendered text; the prompt is a prefix of them.
-  assert tokens == [tok.bos_id] + chat._encode_text(tok, chat.render(CONVERSATION))
+  assert tokens == [tok.bos_id] + chat.encode_text(tok, chat.render(CONVERSATION))
   prompt = chat.encode_prompt(tok, CONVERSATION[:2])
   assert tokens[:len(prompt)] == prompt
   assert chat.stop_tokens(tok) == (end, tok.eos_id)

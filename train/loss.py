@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 
 def token_cross_entropy(logits_BTY, targets_BT, weights_BT):
@@ -47,3 +50,10 @@ def sequence_logprobs(model, tokens_BT, mask_BT, positions_BT=None, segment_ids_
   if with_output:
     return per_token_BT, per_token_BT.sum(-1), out
   return per_token_BT, per_token_BT.sum(-1)
+
+
+@functools.partial(nnx.jit, static_argnames=("temperature",))
+def jitted_logprobs(model, tokens_BT, mask_BT, temperature: float = 1.0):
+  """`sequence_logprobs` jitted, for callers outside a train step (rollouts' old log-probs, cached
+  reference log-probs, a judge's answer probabilities): (per token [B, T], per-sequence sum [B])."""
+  return sequence_logprobs(model, tokens_BT, mask_BT, temperature=temperature)
