@@ -16,7 +16,10 @@ setup(
     extras_require={
         "test": ["pytest"],
         # torch pinned: this version installs as a CPU build here; an unpinned torch pulls CUDA.
-        "hf": ["torch==2.13.0", "transformers>=5.0", "safetensors"],
+        # transformers < 5.25: 5.25 requires HF's `kernels` package and imports it at start-up,
+        # and this repository's top-level `kernels/` (our Pallas kernels) shadows it when run from
+        # the repository root (ImportError: cannot import name 'CUDAProperties' from 'kernels').
+        "hf": ["torch==2.13.0", "transformers>=5.0,<5.25", "safetensors"],
         # Benchmark peers only (bench/posttrain_step.py), never needed by the tests.
         "peers": ["trl"],
     },
