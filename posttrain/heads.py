@@ -18,10 +18,7 @@ import numpy as np
 from flax import nnx
 
 from model.transformer import Transformer, init_model
-from train.checkpoint import restore_weights, save_weights, workdir_model_config
-
-HEAD_KINDS = ("reward", "value")
-
+from train.checkpoint import restore_weights, workdir_model_config
 
 class ScoredModel(nnx.Module):
   """`trunk` (a Transformer) and a scalar head: a score per token."""
@@ -73,8 +70,3 @@ def load_scored_model(path: str, kind: str = "reward") -> ScoredModel:
   nnx.replace_by_pure_dict(params, restored["params"])
   nnx.replace_by_pure_dict(extra, restored["extra"])
   return nnx.merge(graphdef, params, extra)
-
-
-def save_scored_model(workdir: str, model: ScoredModel, run_config: dict, kind: str) -> None:
-  """A weights-only workdir of `model` that `load_scored_model(workdir, kind)` reads."""
-  save_weights(workdir, model, dict(run_config, scored_head=kind))
