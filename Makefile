@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.py
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m train.pretrain
+	$(PY) -m posttrain.pipeline --workdir=workdir/demo
 
 test: setup
 	$(PY) -m pytest -q tests

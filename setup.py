@@ -11,10 +11,11 @@ setup(
     install_requires=[
         "jax>=0.10.2", "flax>=0.12", "optax", "orbax-checkpoint", "chex", "grain", "sentencepiece",
         "absl-py", "ml_collections", "numpy", "ml_dtypes", "pyarrow", "tensorboardX", "math-verify",
-        "tqdm",
+        "tqdm", "matplotlib",
     ],
     extras_require={
-        "test": ["pytest"],
+        # nbclient executes notebooks/quickstart.ipynb in the tests, on an ipykernel.
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
         # torch pinned: this version installs as a CPU build here; an unpinned torch pulls CUDA.
         # transformers < 5.25: 5.25 requires HF's `kernels` package and imports it at start-up,
         # and this repository's top-level `kernels/` (our Pallas kernels) shadows it when run from

@@ -70,3 +70,26 @@ class MetricsWriter:
     keys = ("loss", "eval_loss", "accuracy", "eval_accuracy", "reward", "lr", "tokens_per_sec", "mfu")
     shown = " ".join(f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), float))
     print(f"[{step}/{self.total_steps}] {shown} eta={eta:.0f}s", file=sys.stderr, flush=True)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """DIR/metrics.jsonl as rows sorted by step, one per step: a resumed run logs again the steps
+  after its last checkpoint, and the later row wins. A last line cut short by a kill is ignored;
+  any other line that is not JSON is an error naming it. Empty when there is no file."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.read().splitlines()
+  rows = {}
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      if number == len(lines):
+        break
+      raise ValueError(f"{path}:{number}: not JSON ({e})") from e
+    rows[row["step"]] = row
+  return [rows[s] for s in sorted(rows)]
