@@ -25,6 +25,7 @@ from model.sampling import SamplingConfig
 from posttrain import chat, rollout
 from posttrain.start import load_chat_model
 from posttrain.tasks import Problem, get_task
+from posttrain.tasks.base import verify_all
 
 def pass_at_k(n: int, c: int, k: int) -> float:
   """The unbiased pass@k estimator 1 - C(n-c, k) / C(n, k) for c correct of n samples."""
@@ -38,10 +39,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def _score(task, tokenizer, problems, responses, repeat: int, style: str):
   """Per problem: lists of (correct, well formed, length) over its `repeat` responses."""
   rows = [[] for _ in problems]
-  for i, ids in enumerate(responses.tokens):
-    p = problems[i // repeat]
-    text = rollout.response_text(tokenizer, ids, style)
-    verdict = task.verify(p, text)
+  texts = [rollout.response_text(tokenizer, ids, style) for ids in responses.tokens]
+  verdicts = verify_all(task, [problems[i // repeat] for i in range(len(texts))], texts)
+  for i, (ids, text, verdict) in enumerate(zip(responses.tokens, texts, verdicts)):
     rows[i // repeat].append((verdict.correct, chat.parse_response(text).well_formed, len(ids),
                               text, verdict.reason))
   return rows

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from posttrain.chat import parse_response
+from posttrain.tasks.base import verify_all
 
 Reward = Callable[..., list]
 
@@ -26,7 +27,16 @@ def task_accuracy(tasks: dict) -> Reward:
   scored by its own task's verifier (1 right, 0 wrong)."""
   def accuracy(prompts, completions, problems, **fields):
     del prompts, fields
-    return [float(tasks[p.task].verify(p, c).score) for p, c in zip(problems, completions)]
+    unknown = sorted({p.task for p in problems} - set(tasks))
+    if unknown:
+      raise ValueError(f"task_accuracy: no verifier for task families {unknown}")
+    scores = [0.0] * len(problems)
+    for name, task in tasks.items():  # One batch per family (program writing runs a pool).
+      rows = [i for i, p in enumerate(problems) if p.task == name]
+      verdicts = verify_all(task, [problems[i] for i in rows], [completions[i] for i in rows])
+      for i, verdict in zip(rows, verdicts):
+        scores[i] = float(verdict.score)
+    return scores
   return accuracy
 
 

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from posttrain.tasks import SandboxUnavailable, get_task
+from posttrain.tasks import get_task
+from posttrain.tasks.program import extract_code
 from posttrain.tasks.expression import ExpressionError, evaluate
 from posttrain.tasks.math import answers_match, extract_answer
 from train import corpus
@@ -88,12 +89,15 @@ def test_expression_parser_values_and_precedence():
     evaluate("(" * 40 + "1" + ")" * 40)
 
 
-def test_program_verifier_refuses_without_a_sandbox():
+def test_program_problems_and_code_extraction():
   task = get_task("program")
   p = task.problems("test", 1)[0]
   assert "assert" in p.prompt and len(p.fields["tests"]) == 5
-  with pytest.raises(SandboxUnavailable, match="sandbox"):
-    task.verify(p, p.solution)
+  assert not set(p.fields["tests"]) & set(p.prompt.splitlines())  # Hidden tests are not shown.
+  assert extract_code(p.solution).strip() == p.answer.strip()
+  assert extract_code("<think>x</think>Here:\n```python\ndef f():\n  return 1\n```\nDone.") == \
+      "def f():\n  return 1\n"
+  assert extract_code("def g(): pass<|end|>junk") == "def g(): pass"
 
 
 EQUIVALENT = [

@@ -9,7 +9,8 @@ from __future__ import annotations
 from posttrain.tasks.arithmetic import Arithmetic
 from posttrain.tasks.base import Problem, Task, Verdict
 from posttrain.tasks.countdown import Countdown
-from posttrain.tasks.program import Program, SandboxUnavailable
+from posttrain.sandbox import SandboxUnavailable
+from posttrain.tasks.program import Program
 from posttrain.tasks.real import MathData
 
 BUILTIN = {"arithmetic": Arithmetic, "countdown": Countdown, "program": Program}

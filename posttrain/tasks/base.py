@@ -51,6 +51,16 @@ class Task(Protocol):
     """Scores an assistant response (its text after `<|assistant|>`) against `problem`."""
 
 
+def verify_all(task: Task, problems: list[Problem], responses: list[str]) -> list[Verdict]:
+  """task.verify over paired problems and responses, batched through the task's `verify_many`
+  where it has one (program writing runs its sandbox pool)."""
+  if len(problems) != len(responses):
+    raise ValueError(f"verify_all: {len(problems)} problems for {len(responses)} responses")
+  if hasattr(task, "verify_many"):
+    return task.verify_many(list(problems), list(responses))
+  return [task.verify(p, r) for p, r in zip(problems, responses)]
+
+
 def check_split(split: str) -> None:
   """ValueError unless `split` is one of SPLITS."""
   if split not in SPLITS:
