@@ -22,12 +22,17 @@ def get_config(arg=None):
   c.init_from = ""  # Required: an SFT workdir (any chat checkpoint) or a HF directory.
   c.model_overrides = common.model_overrides()
   c.data = ml_collections.ConfigDict(dict(
-      tasks="arithmetic,countdown",  # Built-in task families whose train problems are the prompts.
+      tasks="arithmetic,countdown",  # Built-in families whose train problems are the prompts
+                                     # (program: code checked by running tests in the sandbox).
       problems=4000,  # Train problems per family.
       seed=0))  # Prompt order and rollout sampling.
   c.rollout = ml_collections.ConfigDict(dict(
       prompts=8, samples=8, max_new_tokens=64, temperature=1.0, top_p=1.0, epochs=1,
-      minibatches=1, dynamic_sampling=False, max_refills=3, overlong="keep", batch_size=64))
+      minibatches=1, dynamic_sampling=False, max_refills=3, overlong="keep", batch_size=64,
+      routing_replay=False,  # MoE: train on the experts the sampler chose (routing replay).
+      environment="",  # "python_tool": multi-turn episodes where the model may run Python
+                       # (posttrain/environments.py); max_new_tokens is then the whole episode's.
+      max_turns=3, turn_tokens=0))  # Episodes: turns at most, tokens per turn (0: max_new_tokens).
   c.grpo = ml_collections.ConfigDict(dict(
       advantage="grpo", aggregation="sequence_mean", ratio="token", surrogate="clip",
       eps_low=0.2, eps_high=0.2, dual_clip=0.0, beta=0.0, kl_estimator="k3", tis_cap=0.0,
@@ -37,7 +42,9 @@ def get_config(arg=None):
       format=0.0,  # Weight of the <think>...</think>answer format reward; 0: off.
       overlong_cache=0,  # > 0: DAPO's soft overlong penalty over the last this many tokens.
       reward_model="",  # A reward-model workdir (posttrain.reward_model): RLHF against it.
-      reward_model_weight=1.0))
+      reward_model_weight=1.0,
+      code_tests="all",  # Program task: "all" (1 only when every hidden test passes) or "fraction".
+      sandbox="namespaces"))  # Program task isolation; "rlimits" accepts rlimits only (sandbox.py).
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q_a,q_b,kv_a,kv_b,o"))
   c.optimizer = common.optimizer(peak_lr=2e-4, warmup_steps=0, end_lr_fraction=1.0,
                                  weight_decay=0.0)  # Constant.

@@ -52,6 +52,9 @@ class Cache:
   stacks: tuple[Optional[LayerCache], Optional[LayerCache]]
   lengths: jax.Array  # [B] int32: positions written so far; the next token goes at this index.
   kind: str = flax.struct.field(pytree_node=False, default="latent")
+  # Routing record, when asked for: [moe layers, B, S, K] int32 experts each cached token used
+  # (-1 where nothing was run yet): what the training forward replays (routing replay).
+  experts: Optional[jax.Array] = None
 
   @property
   def nbytes(self) -> int:
@@ -103,22 +106,26 @@ def _entries(attn: MLAttention, kind: str, x_BTD, positions_BT):
 def _prefill_stack(blocks: Optional[Block], kind, x_BTD, positions_BT, segment_ids_BT, max_len):
   """Runs the prompt through one stack; returns (x, the stack's cache padded to max_len)."""
   if blocks is None:
-    return x_BTD, None
+    return x_BTD, None, None
   graphdef, state = nnx.split(blocks)
 
   def body(h_BTD, layer_state):
     block = nnx.merge(graphdef, layer_state)
     entries = _entries(block.attn, kind, block.attn_norm(h_BTD), positions_BT)
-    h_BTD, _ = block(h_BTD, positions_BT, segment_ids_BT)
-    return h_BTD, entries
+    h_BTD, stats = block(h_BTD, positions_BT, segment_ids_BT)
+    return h_BTD, (entries, None if stats is None else stats.experts)
 
-  x_BTD, (first, second) = jax.lax.scan(body, x_BTD, state)
-  pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, max_len - a.shape[2])] + [(0, 0)] * (a.ndim - 3))
-  return x_BTD, LayerCache(pad(first), pad(second)).constrained()
+  x_BTD, ((first, second), experts) = jax.lax.scan(body, x_BTD, state)
+  pad = lambda a, value=0: jnp.pad(a, [(0, 0), (0, 0), (0, max_len - a.shape[2])]
+                                   + [(0, 0)] * (a.ndim - 3), constant_values=value)
+  experts = None if experts is None else pad(experts, -1)
+  return x_BTD, LayerCache(pad(first), pad(second)).constrained(), experts
 
 
-def prefill(model: Transformer, tokens_BT, lengths_B, max_len: int, kind: str = "latent"):
+def prefill(model: Transformer, tokens_BT, lengths_B, max_len: int, kind: str = "latent",
+            record_experts: bool = False):
   """Runs right-padded prompts (row b: `lengths[b]` tokens) and caches them for `max_len` positions.
+  `record_experts`: the cache also records the experts every token is routed to (Cache.experts).
 
   Returns (float32 logits [B, Y] at each row's last prompt token, Cache).
   """
@@ -131,12 +138,18 @@ def prefill(model: Transformer, tokens_BT, lengths_B, max_len: int, kind: str = 
   lengths_B = jnp.asarray(lengths_B, jnp.int32)
   segment_ids_BT = (positions_BT < lengths_B[:, None]).astype(jnp.int32)  # Padding: segment 0.
   x_BTD = model.embed(tokens_BT)
-  x_BTD, dense = _prefill_stack(model.dense_layers, kind, x_BTD, positions_BT, segment_ids_BT,
-                                max_len)
-  x_BTD, moe = _prefill_stack(model.moe_layers, kind, x_BTD, positions_BT, segment_ids_BT, max_len)
+  x_BTD, dense, _ = _prefill_stack(model.dense_layers, kind, x_BTD, positions_BT, segment_ids_BT,
+                                   max_len)
+  x_BTD, moe, experts = _prefill_stack(model.moe_layers, kind, x_BTD, positions_BT, segment_ids_BT,
+                                       max_len)
   last_B1D = jnp.take_along_axis(x_BTD, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)
   logits = model.output_logits(model.final_norm(last_B1D))[:, 0]
-  return logits, Cache((dense, moe), lengths_B, kind)
+  if record_experts and experts is not None:  # Padding positions were routed too: not recorded.
+    real_1BS1 = (jnp.arange(max_len)[None, :] < lengths_B[:, None])[None, :, :, None]
+    experts = jnp.where(real_1BS1, experts, -1)
+  else:
+    experts = None
+  return logits, Cache((dense, moe), lengths_B, kind, experts)
 
 
 def _write(stack_array, layer, rows_B1, slots_BT, values_BT):
@@ -148,7 +161,7 @@ def _decode_stack(blocks: Optional[Block], kind, stack: Optional[LayerCache], x_
                   mask_B1TS):
   """Extends one stack's cache with the new tokens and runs them through its layers."""
   if blocks is None:
-    return x_BTD, None
+    return x_BTD, None, None
   graphdef, state = nnx.split(blocks)
   rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
 
@@ -168,12 +181,12 @@ def _decode_stack(blocks: Optional[Block], kind, stack: Optional[LayerCache], x_
       out = block.attn.o(dot_product_attention(
           jnp.concatenate([q_nope, q_rope], -1), first[layer], second[layer], mask_B1TS,
           block.attn.cfg.softmax_scale))
-    h_BTD, _ = block.feed_forward(h_BTD + out)
-    return (h_BTD, first, second), None
+    h_BTD, stats = block.feed_forward(h_BTD + out)
+    return (h_BTD, first, second), None if stats is None else stats.experts
 
   layers = jnp.arange(stack.first.shape[0])
-  (x_BTD, first, second), _ = jax.lax.scan(body, (x_BTD, *stack), (state, layers))
-  return x_BTD, LayerCache(first, second).constrained()
+  (x_BTD, first, second), experts = jax.lax.scan(body, (x_BTD, *stack), (state, layers))
+  return x_BTD, LayerCache(first, second).constrained(), experts
 
 
 def decode_step(model: Transformer, cache: Cache, tokens_BT):
@@ -184,7 +197,12 @@ def decode_step(model: Transformer, cache: Cache, tokens_BT):
   mask_B1TS = (slots_S[None, None, :] <= positions_BT[:, :, None])[:, None]
   x_BTD = model.embed(tokens_BT)
   dense, moe = cache.stacks
-  x_BTD, dense = _decode_stack(model.dense_layers, cache.kind, dense, x_BTD, positions_BT, mask_B1TS)
-  x_BTD, moe = _decode_stack(model.moe_layers, cache.kind, moe, x_BTD, positions_BT, mask_B1TS)
+  x_BTD, dense, _ = _decode_stack(model.dense_layers, cache.kind, dense, x_BTD, positions_BT,
+                                  mask_B1TS)
+  x_BTD, moe, experts = _decode_stack(model.moe_layers, cache.kind, moe, x_BTD, positions_BT,
+                                      mask_B1TS)
   logits = model.output_logits(model.final_norm(x_BTD))
-  return logits, Cache((dense, moe), cache.lengths + t, cache.kind)
+  record = cache.experts
+  if record is not None:  # [L, B, T, K] of the new tokens, written at their positions.
+    record = record.at[:, jnp.arange(b)[:, None], positions_BT].set(experts)
+  return logits, Cache((dense, moe), cache.lengths + t, cache.kind, record)

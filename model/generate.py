@@ -29,6 +29,9 @@ class Generation(NamedTuple):
   tokens: jax.Array  # [B, max_new_tokens] int32.
   logprobs: jax.Array  # [B, max_new_tokens] float32: log p(token) at the sampling temperature.
   lengths: jax.Array  # [B] int32: tokens generated, a stop token included.
+  # With record_experts: [moe layers, B, prompt + new, K] int32 experts each prompt and fed token
+  # used (-1 for padding and the last sampled token, which was never fed); else None.
+  experts: jax.Array | None = None
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_token: int = 0, width: int | None = None):
@@ -98,20 +101,22 @@ def decode_loop(model: Transformer, cache: Cache, logits_BY, key, sampling: Samp
 
   carry = (jnp.ones((), jnp.int32), cache, tok, tokens, logprobs, lengths, done)
   _, cache, _, tokens, logprobs, lengths, _ = jax.lax.while_loop(cond, body, carry)
-  return Generation(tokens, logprobs, lengths), cache
+  return Generation(tokens, logprobs, lengths, cache.experts), cache
 
 
-jitted_prefill = nnx.jit(prefill, static_argnames=("max_len", "kind"))
+jitted_prefill = nnx.jit(prefill, static_argnames=("max_len", "kind", "record_experts"))
 jitted_decode_step = nnx.jit(decode_step, donate_argnames=("cache",))
 
 
 def generate(model: Transformer, tokens_BT, lengths_B, key, sampling: SamplingConfig,
-             cache_kind: str = "latent") -> Generation:
+             cache_kind: str = "latent", record_experts: bool = False) -> Generation:
   """Continuations of right-padded prompts (row b: `lengths[b]` tokens), all rows at once (MoE
-  dropless, whatever the training capacity factor)."""
+  dropless, whatever the training capacity factor). `record_experts`: also return the experts
+  every token was routed to (routing replay)."""
   model = inference_model(model)
   max_len = _check_length(model, tokens_BT.shape[1], sampling)
-  logits, cache = jitted_prefill(model, tokens_BT, lengths_B, max_len=max_len, kind=cache_kind)
+  logits, cache = jitted_prefill(model, tokens_BT, lengths_B, max_len=max_len, kind=cache_kind,
+                                 record_experts=record_experts)
   return decode_loop(model, cache, logits, key, sampling)[0]
 
 

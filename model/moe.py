@@ -27,6 +27,7 @@ class RouterStats(NamedTuple):
   tokens_per_expert: jax.Array  # [E] int32 assignments per expert.
   balance_loss: jax.Array  # Scalar sequence-wise balance loss (unweighted).
   dropped: jax.Array  # Scalar int32: assignments dropped by the capacity limit.
+  experts: jax.Array  # [B, T, K] int32: the experts each token used (what routing replay records).
 
 
 class Router(nnx.Module):
@@ -104,13 +105,17 @@ class MoE(nnx.Module):
     self.shared = (MLP(cfg, cfg.moe_ffn_dim * cfg.num_shared_experts, rngs=rngs)
                    if cfg.num_shared_experts else None)
 
-  def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, RouterStats]:
+  def __call__(self, x_BTD: jax.Array, replay_BTK: jax.Array | None = None
+               ) -> tuple[jax.Array, RouterStats]:
+    """(output [B, T, D], stats); `replay_BTK`: recorded experts to use (routing.select_experts)."""
     cfg = self.cfg
     b, t, d = x_BTD.shape
     dt = compute_dtype(cfg)
     x_TD = x_BTD.reshape(b * t, d).astype(dt)
     scores_TE = routing.router_scores(self.router(x_TD), cfg)
-    weights_TK, experts_TK = routing.select_experts(scores_TE, self.router.bias[...], cfg)
+    replay_TK = None if replay_BTK is None else replay_BTK.reshape(b * t, -1)
+    weights_TK, experts_TK = routing.select_experts(scores_TE, self.router.bias[...], cfg,
+                                                    replay_TK)
     weights = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
     local_ffn = (functools.partial(dropless_ffn, impl=cfg.moe_impl)
                  if cfg.capacity_factor is None else
@@ -129,5 +134,5 @@ class MoE(nnx.Module):
         tokens_per_expert=routing.tokens_per_expert(experts_TK, cfg.num_experts),
         balance_loss=routing.sequence_balance_loss(
             scores_TE.reshape(b, t, -1), experts_TK.reshape(b, t, -1), cfg),
-        dropped=dropped)
+        dropped=dropped, experts=experts_TK.reshape(b, t, -1))
     return y_BTD, stats

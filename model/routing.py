@@ -34,8 +34,13 @@ def group_mask(choice_TE: jax.Array, cfg: ModelConfig) -> jax.Array:
   return jnp.repeat(keep_TG, e // g, axis=1)
 
 
-def select_experts(scores_TE: jax.Array, bias_E: jax.Array, cfg: ModelConfig):
+def select_experts(scores_TE: jax.Array, bias_E: jax.Array, cfg: ModelConfig,
+                   replay_TK: jax.Array | None = None):
   """Chooses K experts per token with the biased scores; weights come from the unbiased ones.
+
+  `replay_TK` (routing replay): experts recorded elsewhere (the sampler) that a token uses instead
+  of its own choice; a token with any entry < 0 routes itself. Weights are always this layer's
+  scores at the experts used.
 
   Returns (weights [T, K] float32, experts [T, K] int32).
   """
@@ -43,6 +48,9 @@ def select_experts(scores_TE: jax.Array, bias_E: jax.Array, cfg: ModelConfig):
   if cfg.grouped_routing:
     choice_TE = jnp.where(group_mask(choice_TE, cfg), choice_TE, -jnp.inf)
   _, experts_TK = jax.lax.top_k(choice_TE, cfg.experts_per_token)
+  if replay_TK is not None:
+    replay_TK = replay_TK.astype(experts_TK.dtype)
+    experts_TK = jnp.where(jnp.all(replay_TK >= 0, -1, keepdims=True), replay_TK, experts_TK)
   weights_TK = jnp.take_along_axis(scores_TE, experts_TK, axis=-1)
   if cfg.norm_topk_prob:
     weights_TK = weights_TK / (weights_TK.sum(-1, keepdims=True) + 1e-20)

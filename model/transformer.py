@@ -40,14 +40,15 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dt)
     self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.dense_ffn_dim, rngs=rngs)
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, replay_BTK=None):
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
-    return self.feed_forward(x_BTD)
+    return self.feed_forward(x_BTD, replay_BTK)
 
-  def feed_forward(self, x_BTD):
-    """The second residual half, x + ffn(norm(x)): (x, router stats or None)."""
+  def feed_forward(self, x_BTD, replay_BTK=None):
+    """The second residual half, x + ffn(norm(x)): (x, router stats or None). `replay_BTK`:
+    recorded experts for an MoE block (routing replay)."""
     if isinstance(self.ffn, MoE):
-      y_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
+      y_BTD, stats = self.ffn(self.ffn_norm(x_BTD), replay_BTK)
       return x_BTD + y_BTD, stats
     return x_BTD + self.ffn(self.ffn_norm(x_BTD)), None
 
@@ -74,24 +75,26 @@ _REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
           "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def run_stacked(blocks: Optional[Block], x_BTD, positions_BT, segment_ids_BT, remat_policy="none"):
+def run_stacked(blocks: Optional[Block], x_BTD, positions_BT, segment_ids_BT, remat_policy="none",
+                replay_LBTK=None):
   """Scans `x` through stacked blocks; returns (x, per-layer stats stacked, or None).
 
   With a remat policy each block's activations are recomputed in the backward pass, except what
-  the policy saves.
+  the policy saves. `replay_LBTK`: recorded experts per layer (MoE stacks; routing replay).
   """
   if blocks is None:
     return x_BTD, None
   graphdef, state = nnx.split(blocks)
 
-  def body(h_BTD, layer_state):
+  def body(h_BTD, xs):
+    layer_state, replay_BTK = xs
     h_BTD = constrain(h_BTD, "batch", "seq", "act_embed")  # The residual stream: batch-sharded.
-    return nnx.merge(graphdef, layer_state)(h_BTD, positions_BT, segment_ids_BT)
+    return nnx.merge(graphdef, layer_state)(h_BTD, positions_BT, segment_ids_BT, replay_BTK)
 
   if remat_policy != "none":
     body = jax.checkpoint(body, policy=_REMAT[remat_policy])
 
-  return jax.lax.scan(body, x_BTD, state)
+  return jax.lax.scan(body, x_BTD, (state, replay_LBTK))
 
 
 class MTPModule(nnx.Module):
@@ -139,22 +142,25 @@ class Transformer(nnx.Module):
     logits = self.embed.attend(h_BTD) if self.head is None else self.head(h_BTD)
     return constrain(logits.astype(jnp.float32), "batch", "seq", "vocab")
 
-  def blocks(self, x_BTD, positions_BT, segment_ids_BT):
+  def blocks(self, x_BTD, positions_BT, segment_ids_BT, replay_LBTK=None):
     """Runs embeddings [B, T, D] through every block: last hidden states (before the final norm)
-    and the MoE layers' router stats."""
+    and the MoE layers' router stats. `replay_LBTK`: recorded experts of the MoE layers."""
     remat = self.cfg.remat_policy
     x_BTD, _ = run_stacked(self.dense_layers, x_BTD, positions_BT, segment_ids_BT, remat)
-    return run_stacked(self.moe_layers, x_BTD, positions_BT, segment_ids_BT, remat)
+    return run_stacked(self.moe_layers, x_BTD, positions_BT, segment_ids_BT, remat, replay_LBTK)
 
   def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
-               segment_ids_BT: Optional[jax.Array] = None) -> ModelOutput:
-    """Logits for int tokens [B, T]; positions default to 0..T-1, segments to one document per row."""
+               segment_ids_BT: Optional[jax.Array] = None,
+               replay_LBTK: Optional[jax.Array] = None) -> ModelOutput:
+    """Logits for int tokens [B, T]; positions default to 0..T-1, segments to one document per row.
+    `replay_LBTK` (routing replay): experts [moe layers, B, T, K] the main model's MoE layers use
+    instead of routing (entries < 0: route as usual), e.g. those the sampler recorded."""
     b, t = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones((b, t), jnp.int32)
-    h, stats = self.blocks(self.embed(tokens_BT), positions_BT, segment_ids_BT)
+    h, stats = self.blocks(self.embed(tokens_BT), positions_BT, segment_ids_BT, replay_LBTK)
     hidden_BTD = self.final_norm(h)
     logits = self.output_logits(hidden_BTD)
     mtp_logits, all_stats = [], [stats]
@@ -218,6 +224,7 @@ def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
 
 
 @nnx.jit
-def forward(model: Transformer, tokens_BT, positions_BT=None, segment_ids_BT=None) -> ModelOutput:
-  """`model(tokens, positions, segment_ids)`, jitted (eager NNX calls retrace every scan)."""
-  return model(tokens_BT, positions_BT, segment_ids_BT)
+def forward(model: Transformer, tokens_BT, positions_BT=None, segment_ids_BT=None,
+            replay_LBTK=None) -> ModelOutput:
+  """`model(tokens, positions, segment_ids, replay)`, jitted (eager NNX calls retrace every scan)."""
+  return model(tokens_BT, positions_BT, segment_ids_BT, replay_LBTK)

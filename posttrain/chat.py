@@ -2,7 +2,8 @@
 special tokens it adds to a tokenizer (appended after the existing vocabulary: old ids are kept).
 
 A conversation renders as `<|role|>content<|end|>` per message, e.g.
-`<|system|>Be brief.<|end|><|user|>hi<|end|><|assistant|><think>...</think>Hello.<|end|>`.
+`<|system|>Be brief.<|end|><|user|>hi<|end|><|assistant|><think>...</think>Hello.<|end|>`;
+a tool's output is a `<|tool|>` message between assistant turns.
 Token ids never depend on how a tokenizer itself treats the special strings: text is split on them
 here, the segments encoded with `tokenizer.encode` and the specials looked up by `piece_id`.
 """
@@ -15,8 +16,10 @@ import os
 import re
 from typing import Iterable
 
-ROLES = ("system", "user", "assistant")
-SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>")
+ROLES = ("system", "user", "assistant", "tool")  # tool: a tool's output (posttrain/environments.py).
+# Appended in this order; new tokens go last, so a tokenizer extended earlier keeps its ids.
+SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>",
+                  "<|tool|>")
 END = "<|end|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ROLE_TOKENS = {role: f"<|{role}|>" for role in ROLES}
@@ -55,6 +58,15 @@ def parse_response(text: str) -> Response:
     if answer.strip():
       return Response(reasoning.strip(), answer.strip(), True)
   return Response(None, text.strip(), False)
+
+
+_FENCE_RE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)```", re.S)
+
+
+def fenced_code(text: str) -> str | None:
+  """The content of the first Markdown code fence (```python ... ```) in `text`, or None."""
+  match = _FENCE_RE.search(text)
+  return match.group(1) if match else None
 
 
 def validate_messages(messages, where: str = "") -> None:

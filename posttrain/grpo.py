@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from posttrain import lora
+from posttrain.environments import make_environment
 from posttrain.reward_model import reward_function
 from posttrain.rewards import RewardSet, length_penalty, task_accuracy, think_format
 from posttrain.rl import ADVANTAGES, RolloutBatches, RolloutConfig
@@ -130,7 +131,7 @@ def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None, temperature:
     del step
     tokens, mask = batch["tokens"], batch["completion_mask"]
     logp, _, out = sequence_logprobs(policy, tokens, mask, temperature=temperature,
-                                     with_output=True)
+                                     with_output=True, replay_BLTK=batch.get("replay_experts"))
     per_token, clip_fraction = token_losses(cfg, logp, batch["old_logprobs"],
                                             batch["advantages"], mask)
     m = mask.astype(jnp.float32)
@@ -174,7 +175,12 @@ def grpo_stage(c, workdir: str):
                     rewards=c.rewards.to_dict())
   check_run_config(workdir, dict(run_config, **loop_fields(c)))
   names = [t.strip() for t in c.data.tasks.split(",") if t.strip()]
-  tasks = {n: get_task(n) for n in names}
+  if c.rewards.code_tests not in ("all", "fraction"):
+    raise ValueError(f"config.rewards.code_tests must be 'all' or 'fraction', got "
+                     f"{c.rewards.code_tests!r}")
+  knobs = dict(program=dict(partial_credit=c.rewards.code_tests == "fraction",
+                            isolation=c.rewards.sandbox))
+  tasks = {n: get_task(n, **knobs.get(n, {})) for n in names}
   problems = [p for n in names for p in tasks[n].problems("train", c.data.problems, c.data.seed)]
   rewards, weights = {"accuracy": task_accuracy(tasks)}, {"accuracy": c.rewards.accuracy}
   if c.rewards.format:
@@ -188,12 +194,20 @@ def grpo_stage(c, workdir: str):
   if c.rewards.overlong_cache:
     rewards["overlong"] = length_penalty(rcfg.max_new_tokens, c.rewards.overlong_cache)
     weights["overlong"] = 1.0
+  environment = None
+  if rcfg.environment:
+    options = dict(max_turns=rcfg.max_turns, isolation=c.rewards.sandbox)
+    make_environment(rcfg.environment, tasks[names[0]], **options)  # Checks the name early.
+    environment = lambda p: make_environment(rcfg.environment, tasks[p.task], **options)
   batches = RolloutBatches(problems, tokenizer, RewardSet(rewards, weights), rcfg,
-                           gcfg.advantage, seed=c.data.seed, std_eps=gcfg.std_eps)
+                           gcfg.advantage, seed=c.data.seed, std_eps=gcfg.std_eps,
+                           environment=environment)
   width = batches.width
-  if width > cfg.max_seq_len:
+  if batches.sampling_width > cfg.max_seq_len:
     raise ValueError(f"prompts of up to {batches.prompt_width} tokens + rollout.max_new_tokens "
-                     f"{rcfg.max_new_tokens} exceed the model's max_seq_len {cfg.max_seq_len}")
+                     f"{rcfg.max_new_tokens}" + (f" + rollout.turn_tokens (an environment's "
+                                                  f"last turn)" if rcfg.environment else "")
+                     + f" exceed the model's max_seq_len {cfg.max_seq_len}")
   frozen, reference = None, None
   if gcfg.beta:
     tree, rebuild = frozen_copy(policy)

@@ -7,7 +7,10 @@ checkpointed with the model, so a resumed run samples exactly what the uninterru
 
 Every rollout measures the rollout/training mismatch: the sampler's per-token log-probs against
 the training forward's on the same tokens, both at the sampling temperature: mean and max
-absolute difference, and the KL estimate mean(sampler - train) under the sampler.
+absolute difference, and the KL estimate mean(sampler - train) under the sampler. With
+`routing_replay` the sampler records each token's experts per MoE layer and every training forward
+on the rollout (old log-probs, the loss) routes the tokens to those experts instead of routing
+again (routing replay, for MoE stability).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 
 from model.sampling import SamplingConfig
 from posttrain import chat, rollout
+from posttrain.environments import run_episodes
 from posttrain.rewards import RewardSet
 from posttrain.tasks import Problem
 from train.loss import jitted_logprobs
@@ -43,6 +47,10 @@ class RolloutConfig:
   max_refills: int = 3  # Extra rounds of P prompts dynamic sampling may draw per rollout.
   overlong: str = "keep"  # "filter": completions cut by max_new_tokens get no loss (DAPO).
   batch_size: int = 64  # Rows per sampling call.
+  routing_replay: bool = False  # MoE: the training forward uses the experts the sampler chose.
+  environment: str = ""  # "" (one sampled answer) or an environment (posttrain/environments.py).
+  max_turns: int = 3  # Environment episodes: assistant turns at most.
+  turn_tokens: int = 0  # Environment episodes: tokens per assistant turn (0: max_new_tokens).
 
   def __post_init__(self):
     if self.prompts < 1 or self.samples < 1:
@@ -92,20 +100,32 @@ class RolloutBatches:
 
   def __init__(self, problems: Sequence[Problem], tokenizer, rewards: RewardSet,
                cfg: RolloutConfig, advantage: str, seed: int = 0,
-               std_eps: float = 1e-4):
+               std_eps: float = 1e-4, environment=None):
+    """`environment(problem) -> Environment` (posttrain/environments.py) makes each completion a
+    multi-turn episode when cfg.environment is set."""
     if not problems:
       raise ValueError("RolloutBatches: no problems to sample prompts from")
+    if bool(cfg.environment) != (environment is not None):
+      raise ValueError("RolloutBatches: rollout.environment and the environment factory go "
+                       "together")
     self.problems, self.tokenizer, self.rewards, self.cfg = list(problems), tokenizer, rewards, cfg
     self.advantage, self.seed, self.std_eps = advantage, seed, std_eps
-    self.prompt_ids = [rollout.prompt_tokens(tokenizer, p, "chat") for p in self.problems]
+    self.environment = environment
+    self.prompt_ids = [
+        chat.encode_prompt(tokenizer, environment(p).reset(p)) if environment else
+        rollout.prompt_tokens(tokenizer, p, "chat") for p in self.problems]
     self.prompt_width = max(len(p) for p in self.prompt_ids)
     self.width = self.prompt_width + cfg.max_new_tokens  # Every row: one compiled shape.
+    # Tokens a sampling call covers: an environment's later turns continue from up to `width`.
+    self.sampling_width = self.width + (cfg.turn_tokens or cfg.max_new_tokens if environment
+                                        else 0)
     pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0
     self.sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p,
-                                   max_new_tokens=cfg.max_new_tokens,
+                                   max_new_tokens=(cfg.turn_tokens or cfg.max_new_tokens)
+                                   if environment else cfg.max_new_tokens,
                                    stop_tokens=chat.stop_tokens(tokenizer), pad_token=pad)
     self.rollouts, self.cursor, self.served = 0, 0, 0
-    self.buffer, self.metrics = None, []
+    self.buffer, self.metrics, self._turns = None, [], []
     self._pass, self._permutation = None, None
 
   # --- resumable state -------------------------------------------------------------------------
@@ -140,9 +160,18 @@ class RolloutBatches:
   def _sample_groups(self, policy, indices: list[int], key):
     g = self.cfg.samples
     prompts = [self.prompt_ids[i] for i in indices for _ in range(g)]
-    out = rollout.sample(policy, prompts, self.sampling, key, min(self.cfg.batch_size, len(prompts)))
-    texts = [rollout.response_text(self.tokenizer, ids, "chat") for ids in out.tokens]
     problems = [self.problems[i] for i in indices for _ in range(g)]
+    if self.environment is not None:  # Multi-turn: rewards score each episode's last turn.
+      episodes = run_episodes(policy, self.tokenizer, [self.environment(p) for p in problems],
+                              problems, self.sampling, key, self.cfg.max_new_tokens,
+                              min(self.cfg.batch_size, len(prompts)), width=self.width)
+      out, texts = episodes.responses, episodes.final_texts
+      self._turns.extend(episodes.turns)
+    else:
+      replay = self.cfg.routing_replay and policy.cfg.num_moe_layers > 0
+      out = rollout.sample(policy, prompts, self.sampling, key,
+                           min(self.cfg.batch_size, len(prompts)), record_experts=replay)
+      texts = [rollout.response_text(self.tokenizer, ids, "chat") for ids in out.tokens]
     total, parts = self.rewards([p.prompt for p in problems], texts, problems=problems,
                                 lengths=[len(t) for t in out.tokens])
     return prompts, out, total, parts
@@ -158,6 +187,8 @@ class RolloutBatches:
         rows = slice(j * g, (j + 1) * g)
         group = dict(prompts=prompts[rows], tokens=out.tokens[rows], logprobs=out.logprobs[rows],
                      truncated=out.truncated[rows], total=total[rows],
+                     experts=out.experts[rows] if out.experts is not None else None,
+                     loss_mask=out.loss_mask[rows] if out.loss_mask is not None else None,
                      parts={k: v[rows] for k, v in parts.items()})
         r = group["total"]
         informative = np.all(np.isfinite(r)) and (g == 1 or np.ptp(r) > 0)
@@ -179,6 +210,10 @@ class RolloutBatches:
     finite = np.isfinite(rewards)
     advantages = group_advantages(rewards, self.advantage, self.std_eps)
     lengths, truncated = [], []
+    recorded = groups[0]["experts"] is not None
+    if recorded:  # [rows, moe layers, T, K]: -1 (route as usual) where nothing was recorded.
+      layers, _, k_slots = groups[0]["experts"][0].shape
+      replay = np.full((n, layers, t, k_slots), -1, np.int32)
     for j, gr in enumerate(groups):
       for k in range(cfg.samples):
         row = j * cfg.samples + k
@@ -188,14 +223,21 @@ class RolloutBatches:
         sampler[row, len(p):len(p) + len(c)] = gr["logprobs"][k]
         use = (j not in masked and finite[j, k]
                and not (cfg.overlong == "filter" and gr["truncated"][k]))
-        mask[row, len(p):len(p) + len(c)] = float(use)
+        sampled = 1.0 if gr["loss_mask"] is None else gr["loss_mask"][k]  # 0: observations.
+        mask[row, len(p):len(p) + len(c)] = float(use) * sampled
         lengths.append(len(c))
         truncated.append(gr["truncated"][k])
-    old = np.asarray(jax.device_get(jitted_logprobs(policy, tokens, mask, cfg.temperature)[0]))
+        if recorded:
+          record = gr["experts"][k][:, :t]
+          replay[row, :, :record.shape[1]] = record
+    old = np.asarray(jax.device_get(jitted_logprobs(
+        policy, tokens, mask, cfg.temperature, replay if recorded else None)[0]))
     order = np.random.default_rng([self.seed, self.rollouts, 1]).permutation(n)
     self.buffer = dict(tokens=tokens[order], completion_mask=mask[order],
                        advantages=advantages.reshape(-1)[order].astype(np.float32),
                        old_logprobs=old[order], sampler_logprobs=sampler[order])
+    if recorded:
+      self.buffer["replay_experts"] = replay[order]
     on = mask > 0
     diff = (old - sampler)[on]
     parts = {k: np.stack([gr["parts"][k] for gr in groups]) for k in groups[0]["parts"]}
@@ -208,6 +250,8 @@ class RolloutBatches:
              mismatch_max=float(np.abs(diff).max()) if diff.size else 0.0,
              mismatch_kl=float((sampler[on] - old[on]).mean()) if diff.size else 0.0)
     m.update({f"reward_{k}": float(np.nanmean(v)) for k, v in parts.items()})
+    if self._turns:  # Environment episodes: assistant turns per episode.
+      m["turns"], self._turns = float(np.mean(self._turns)), []
     self.metrics.append(m)
 
   # --- the loop's interface --------------------------------------------------------------------

@@ -192,6 +192,23 @@ def test_rollout_batches_masks_logprobs_epochs_and_exact_resume(world):
     make().set_state(dict(state, served=1))
 
 
+def test_routing_replay_rollouts_carry_the_sampled_experts(world):
+  policy, tok, problems = world
+  cfg = RolloutConfig(prompts=2, samples=2, max_new_tokens=6, routing_replay=True)
+  src = RolloutBatches(problems, tok, RewardSet({"parity": _parity}, {"parity": 1.0}), cfg, "grpo")
+  batch = src.next_batch(policy)
+  replay, on = batch["replay_experts"], batch["completion_mask"] > 0
+  layers, k = policy.cfg.num_moe_layers, policy.cfg.experts_per_token
+  assert replay.shape == (4, layers, src.width, k) and replay.dtype == np.int32
+  for row in range(4):  # Prompt and fed completion tokens recorded, nothing past the last fed one.
+    fed = np.flatnonzero(on[row])[-1]
+    assert (replay[row, :, :fed] >= 0).all() and (replay[row, :, fed:] == -1).all()
+  np.testing.assert_allclose(batch["old_logprobs"][on], batch["sampler_logprobs"][on], atol=1e-5)
+  loss_sum, weight, _ = grpo_loss(GrpoConfig(), 6)(policy, jax.tree.map(jnp.asarray, batch),
+                                                  None, 0)
+  assert np.isfinite(float(loss_sum)) and float(weight) == 4
+
+
 def test_dynamic_sampling_masks_groups_without_signal(world):
   policy, tok, problems = world
   cfg = RolloutConfig(prompts=2, samples=3, max_new_tokens=6, dynamic_sampling=True, max_refills=2,

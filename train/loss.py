@@ -34,15 +34,17 @@ def mean_or_zero(total, count):
 
 
 def sequence_logprobs(model, tokens_BT, mask_BT, positions_BT=None, segment_ids_BT=None,
-                      temperature: float = 1.0, with_output: bool = False):
+                      temperature: float = 1.0, with_output: bool = False, replay_BLTK=None):
   """Log-probabilities of `tokens` under `model`: (per token [B, T], per-sequence sum [B]), and
   the model's output (router statistics, hidden states) third when `with_output`.
 
   Entry t is log p(tokens[t] | tokens[:t]) at `temperature` where mask[t] is set, else 0 (the
   first token has no prediction and is always 0). The one log-prob function of every stage: SFT
-  metrics, DPO, PPO, GRPO and the AI-feedback judge.
+  metrics, DPO, PPO, GRPO and the AI-feedback judge. `replay_BLTK`: experts recorded by the
+  sampler per row, MoE layer, position and slot (routing replay; -1: route as usual).
   """
-  out = model(tokens_BT, positions_BT, segment_ids_BT)
+  replay = None if replay_BLTK is None else jnp.swapaxes(replay_BLTK, 0, 1)
+  out = model(tokens_BT, positions_BT, segment_ids_BT, replay)
   logits_BTY = out.logits[:, :-1].astype(jnp.float32) / temperature
   picked_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTY, axis=-1),
                                   tokens_BT[:, 1:, None], axis=-1)[..., 0]
@@ -53,7 +55,8 @@ def sequence_logprobs(model, tokens_BT, mask_BT, positions_BT=None, segment_ids_
 
 
 @functools.partial(nnx.jit, static_argnames=("temperature",))
-def jitted_logprobs(model, tokens_BT, mask_BT, temperature: float = 1.0):
+def jitted_logprobs(model, tokens_BT, mask_BT, temperature: float = 1.0, replay_BLTK=None):
   """`sequence_logprobs` jitted, for callers outside a train step (rollouts' old log-probs, cached
   reference log-probs, a judge's answer probabilities): (per token [B, T], per-sequence sum [B])."""
-  return sequence_logprobs(model, tokens_BT, mask_BT, temperature=temperature)
+  return sequence_logprobs(model, tokens_BT, mask_BT, temperature=temperature,
+                           replay_BLTK=replay_BLTK)
