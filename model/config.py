@@ -224,9 +224,32 @@ class ModelConfig:
   # Cost model.
 
   def param_counts(self) -> dict:
-    """Parameter counts from shapes alone: total (without MTP), activated per token, and MTP."""
-    from model import params  # Deferred: params builds the model, which imports this module.
-    return params.count_params(self)
+    """Parameter counts {total, activated, embedding, mtp} from the shape fields (closed form;
+    model.params.count_params counts the built model's shapes, and the tests hold them equal).
+    Total and activated exclude the MTP modules; activated counts what one token uses:
+    everything but the routed experts it is not sent to."""
+    d, n = self.d_model, self.num_heads
+    if self.attention_type == "mla":
+      query = (d * n * self.qk_head_dim if self.q_lora_rank is None else
+               d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * n * self.qk_head_dim)
+      attention = (query + d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+                   + self.kv_lora_rank * n * (self.qk_nope_head_dim + self.v_head_dim)
+                   + n * self.v_head_dim * d)
+    else:
+      attention = 2 * d * n * self.head_dim + 2 * d * self.num_kv_heads * self.head_dim
+    norms = 2 * d
+    dense_block = norms + attention + 3 * d * self.dense_ffn_dim
+    routed = 3 * self.num_experts * d * self.moe_ffn_dim
+    moe_rest = (norms + attention + d * self.num_experts
+                + 3 * d * self.moe_ffn_dim * self.num_shared_experts)
+    embedding = self.vocab_size * d
+    total = (embedding + (0 if self.tie_embeddings else d * self.vocab_size) + d
+             + self.num_dense_layers * dense_block + self.num_moe_layers * (moe_rest + routed))
+    active = self.experts_per_token / self.num_experts if self.num_experts else 1.0
+    activated = total - self.num_moe_layers * routed * (1.0 - active)
+    mtp_block = moe_rest + routed if self.num_experts else dense_block
+    mtp = self.mtp_depth * (3 * d + 2 * d * d + mtp_block)
+    return dict(total=total, activated=int(round(activated)), embedding=embedding, mtp=mtp)
 
   def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
     """Training FLOPs per token (forward + backward): 6 x matmul params + attention scores/values."""

@@ -177,10 +177,14 @@ class Transformer(nnx.Module):
         hidden=hidden_BTD)
 
 
+def abstract_model(cfg: ModelConfig) -> Transformer:
+  """The model with `ShapeDtypeStruct` leaves in place of arrays (no memory)."""
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
 def with_config(model: Transformer, cfg: ModelConfig) -> Transformer:
   """`model`'s weights under `cfg`, a config with the same weight shapes (another dtype, remat,
   kernel, capacity factor): the arrays are shared, not copied."""
-  from model.params import abstract_model  # Deferred: params imports this module.
   graphdef = nnx.graphdef(abstract_model(cfg))
   return nnx.merge(graphdef, nnx.state(model))
 

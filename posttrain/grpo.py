@@ -75,7 +75,9 @@ class GrpoConfig:
 
 
 def token_losses(cfg: GrpoConfig, logp_BT, old_BT, advantages_B, mask_BT):
-  """Per-token surrogate losses [B, T] (zero off the completion mask) and the clip fraction."""
+  """Per-token surrogate losses [B, T] (zero off the completion mask) and the clip fractions
+  {"clip_fraction": all, "clip_low": ratio below 1 - eps_low, "clip_high": above 1 + eps_high},
+  each over the masked tokens."""
   mask = mask_BT.astype(jnp.float32)
   log_ratio = (logp_BT - old_BT) * mask
   if cfg.ratio == "sequence":  # GSPO: one length-normalised ratio per completion.
@@ -93,8 +95,11 @@ def token_losses(cfg: GrpoConfig, logp_BT, old_BT, advantages_B, mask_BT):
     if cfg.dual_clip:
       loss = jnp.where(a < 0, jnp.minimum(loss, -cfg.dual_clip * a), loss)
     clipped = (ratio * a) > (clipped_ratio * a)
-  clip_fraction = (clipped * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-  return loss * mask, clip_fraction
+  count = jnp.maximum(mask.sum(), 1.0)
+  low = clipped & (ratio < 1.0)  # A clipped token sits outside the trust region on one side.
+  fractions = dict(clip_fraction=(clipped * mask).sum() / count,
+                   clip_low=(low * mask).sum() / count, clip_high=((clipped & ~low) * mask).sum() / count)
+  return loss * mask, fractions
 
 
 def kl_per_token(kind: str, logp_BT, ref_BT):
@@ -132,8 +137,7 @@ def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None, temperature:
     tokens, mask = batch["tokens"], batch["completion_mask"]
     logp, _, out = sequence_logprobs(policy, tokens, mask, temperature=temperature,
                                      with_output=True, replay_BLTK=batch.get("replay_experts"))
-    per_token, clip_fraction = token_losses(cfg, logp, batch["old_logprobs"],
-                                            batch["advantages"], mask)
+    per_token, clip = token_losses(cfg, logp, batch["old_logprobs"], batch["advantages"], mask)
     m = mask.astype(jnp.float32)
     if cfg.tis_cap:
       tis = jnp.minimum(jnp.exp(batch["old_logprobs"] - batch["sampler_logprobs"]), cfg.tis_cap)
@@ -148,8 +152,9 @@ def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None, temperature:
     tokens_n = m.sum()
     # Sums the step divides by `weight`; token-level diagnostics are rescaled to token means.
     per_weight = weight / jnp.maximum(tokens_n, 1.0)
-    sums = dict(loss=loss_sum, kl=kl_sum * per_weight, clip_fraction=clip_fraction * weight,
-                entropy_proxy=-(logp * m).sum() * per_weight)
+    sums = dict(loss=loss_sum, kl=kl_sum * per_weight,
+                entropy_proxy=-(logp * m).sum() * per_weight,
+                **{name: value * weight for name, value in clip.items()})
     totals = dict(completion_tokens=tokens_n, **router_totals(out))
     return loss_sum, weight, dict(sums=sums, totals=totals)
   return loss_fn

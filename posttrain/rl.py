@@ -16,6 +16,7 @@ again (routing replay, for MoE stability).
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Sequence
 
 import jax
@@ -174,18 +175,21 @@ class RolloutBatches:
       texts = [rollout.response_text(self.tokenizer, ids, "chat") for ids in out.tokens]
     total, parts = self.rewards([p.prompt for p in problems], texts, problems=problems,
                                 lengths=[len(t) for t in out.tokens])
-    return prompts, out, total, parts
+    return prompts, out, texts, total, parts
 
   def _rollout(self, policy) -> None:
+    start = time.perf_counter()
     cfg, g = self.cfg, self.cfg.samples
     key = jax.random.fold_in(jax.random.key(self.seed), self.rollouts)
     kept, spare, drawn, rounds = [], [], 0, 0
     while len(kept) < cfg.prompts and rounds <= (cfg.max_refills if cfg.dynamic_sampling else 0):
       indices = self._next_problems(cfg.prompts)
-      prompts, out, total, parts = self._sample_groups(policy, indices, jax.random.fold_in(key, rounds))
+      prompts, out, texts, total, parts = self._sample_groups(policy, indices,
+                                                              jax.random.fold_in(key, rounds))
       for j in range(cfg.prompts):
         rows = slice(j * g, (j + 1) * g)
         group = dict(prompts=prompts[rows], tokens=out.tokens[rows], logprobs=out.logprobs[rows],
+                     well_formed=[chat.parse_response(t).well_formed for t in texts[rows]],
                      truncated=out.truncated[rows], total=total[rows],
                      experts=out.experts[rows] if out.experts is not None else None,
                      loss_mask=out.loss_mask[rows] if out.loss_mask is not None else None,
@@ -198,6 +202,7 @@ class RolloutBatches:
     groups = (kept + spare)[:cfg.prompts]  # Spare groups (no signal) are served masked.
     masked = set(range(min(len(kept), cfg.prompts), cfg.prompts)) if cfg.dynamic_sampling else set()
     self._build(policy, groups, masked, drawn, rounds)
+    self.metrics[-1]["rollout_seconds"] = time.perf_counter() - start
     self.rollouts += 1
 
   def _build(self, policy, groups, masked, drawn, rounds) -> None:
@@ -241,8 +246,13 @@ class RolloutBatches:
     on = mask > 0
     diff = (old - sampler)[on]
     parts = {k: np.stack([gr["parts"][k] for gr in groups]) for k in groups[0]["parts"]}
+    ratio = np.exp(old[on] - sampler[on])  # The trainer/sampler importance weight per token.
     m = dict(reward=float(np.nanmean(rewards)), reward_std=float(np.nanstd(rewards)),
-             completion_length=float(np.mean(lengths)), truncated=float(np.mean(truncated)),
+             completion_length=float(np.mean(lengths)),
+             completion_length_max=float(np.max(lengths)), truncated=float(np.mean(truncated)),
+             format_rate=float(np.mean([w for gr in groups for w in gr["well_formed"]])),
+             is_ratio_mean=float(ratio.mean()) if ratio.size else 1.0,
+             is_ratio_max=float(ratio.max()) if ratio.size else 1.0,
              reward_nonfinite=float((~finite).sum()), prompts_drawn=float(drawn),
              sampling_rounds=float(rounds), groups_masked=float(len(masked)),
              groups_all_equal=float(np.sum(np.ptp(np.where(finite, rewards, 0), axis=1) == 0)),
@@ -250,6 +260,7 @@ class RolloutBatches:
              mismatch_max=float(np.abs(diff).max()) if diff.size else 0.0,
              mismatch_kl=float((sampler[on] - old[on]).mean()) if diff.size else 0.0)
     m.update({f"reward_{k}": float(np.nanmean(v)) for k, v in parts.items()})
+    m.update({f"reward_{k}_std": float(np.nanstd(v)) for k, v in parts.items()})
     if self._turns:  # Environment episodes: assistant turns per episode.
       m["turns"], self._turns = float(np.mean(self._turns)), []
     self.metrics.append(m)

@@ -80,6 +80,21 @@ def test_parameter_count_matches_hand_count():
   assert counts["activated"] == total - routed + routed * 2 // 8
 
 
+@pytest.mark.parametrize("name, changes", [
+    ("deepseek_v3_671b", {}), ("deepseek_v2_lite", {}), ("moonlight_16b_a3b", {}), ("tiny", {}),
+    ("tiny", dict(tie_embeddings=True, mtp_depth=2)), ("tiny", dict(num_shared_experts=0)),
+    ("tiny", dict(attention_type="gqa", num_kv_heads=2, head_dim=16)),
+    ("tiny", dict(num_experts=0, first_k_dense=0, mtp_depth=1)),
+])
+def test_closed_form_counts_equal_the_built_shapes(name, changes):
+  from model.params import count_params
+  try:
+    cfg = PRESETS[name].replace(**changes)
+  except ValueError as e:  # A variant the config refuses is not a count to compare.
+    pytest.skip(str(e))
+  assert cfg.param_counts() == count_params(cfg)
+
+
 def test_flops_per_token():
   cfg = small_config(mtp_depth=0)
   counts = cfg.param_counts()

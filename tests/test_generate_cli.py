@@ -1,4 +1,4 @@
-"""`python -m model.generate` on a workdir checkpoint streams the greedy continuation."""
+"""`python -m train.generate` on a workdir checkpoint streams the greedy continuation."""
 
 import dataclasses
 import os
@@ -41,7 +41,7 @@ def test_cli_streams_the_greedy_continuation(tmp_path):
   _workdir(str(tmp_path), cfg)
   prompt, n = "12 + 7 =", 12
   result = subprocess.run(
-      [sys.executable, "-m", "model.generate", f"--checkpoint={tmp_path}", f"--prompt={prompt}",
+      [sys.executable, "-m", "train.generate", f"--checkpoint={tmp_path}", f"--prompt={prompt}",
        f"--max_new_tokens={n}"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
       capture_output=True, timeout=300, check=True)  # Bytes: keep '\r' as written.
   model, tokenizer = load_model(str(tmp_path)), load_tokenizer(str(tmp_path))

@@ -64,10 +64,18 @@ def test_token_losses_match_a_direct_loop(cfg):
   old = logp + RNG.normal(0, 0.4, (4, 7))
   adv = np.array([1.5, -0.7, -2.0, 0.3])
   mask = np.ones((4, 7))
-  got, clip_fraction = token_losses(cfg, jnp.asarray(logp, jnp.float32), jnp.asarray(old, jnp.float32),
-                                    jnp.asarray(adv, jnp.float32), jnp.asarray(mask))
+  got, clip = token_losses(cfg, jnp.asarray(logp, jnp.float32), jnp.asarray(old, jnp.float32),
+                           jnp.asarray(adv, jnp.float32), jnp.asarray(mask))
   np.testing.assert_allclose(got, _direct_token_loss(cfg, logp, old, adv), rtol=1e-5, atol=1e-6)
-  assert 0 < float(clip_fraction) < 1
+  assert 0 < float(clip["clip_fraction"]) < 1
+  ratio, a = np.exp(logp - old), adv[:, None] * np.ones((1, 7))
+  if cfg.surrogate == "clip":  # Low: a < 0 and ratio < 1 - eps_low; high: a > 0, ratio > 1 + eps.
+    low = ((a < 0) & (ratio < 1 - cfg.eps_low)).mean()
+    high = ((a > 0) & (ratio > 1 + cfg.eps_high)).mean()
+  else:  # CISPO clips the IS weight from above only.
+    low, high = 0.0, (ratio > 1 + cfg.eps_high).mean()
+  np.testing.assert_allclose([clip["clip_low"], clip["clip_high"]], [low, high], atol=1e-6)
+  np.testing.assert_allclose(clip["clip_fraction"], low + high, atol=1e-6)
 
 
 def test_on_policy_gradient_is_the_policy_gradient():

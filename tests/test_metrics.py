@@ -4,7 +4,7 @@ import glob
 import json
 import os
 
-from train.metrics import MetricsWriter, peak_flops
+from train.metrics import MetricsWriter, peak_flops, table_peak
 
 
 def test_metrics_rows_and_tensorboard_events(tmp_path):
@@ -20,5 +20,9 @@ def test_metrics_rows_and_tensorboard_events(tmp_path):
 
 def test_peak_flops_sources():
   assert peak_flops(1e12) == (1e12, "flag")
+  assert table_peak("TPU v5") == ("TPU v5", 459e12)  # v5p's device_kind.
+  assert table_peak("TPU v5 lite") == ("TPU v5 lite", 197e12)
+  assert table_peak("NVIDIA H100 80GB HBM3") == ("NVIDIA H100", 989e12)
+  assert table_peak("TPU v7x") is None and table_peak("cpu") is None
   flops, source = peak_flops()
   assert source == "measured_matmul" and flops > 1e8

@@ -206,7 +206,7 @@ def run(stage: Stage, c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       logged = step - (rows[-1]["step"] if rows else (start or 0))
       tps = stage.tokens_per_batch * logged / elapsed
       row = dict(metrics, tokens_per_sec=tps, mfu=stage.flops_per_token * tps / peak,
-                 peak_flops_source=peak_source)
+                 seconds_per_step=elapsed / logged, peak_flops_source=peak_source)
       if hasattr(data, "pop_metrics"):  # Host-side metrics of the batch source (RL rollouts).
         row.update(data.pop_metrics())
       if (stage.eval_batches is not None and c.eval_every

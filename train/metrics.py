@@ -11,10 +11,20 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-              "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-              "NVIDIA A100": 312e12}
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets, by JAX's device_kind (a v5p
+# reports "TPU v5", a v5e "TPU v5 lite"; GPUs add their memory, e.g. "NVIDIA H100 80GB HBM3").
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12,
+              "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12,
+              "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+def table_peak(kind: str) -> tuple[str, float] | None:
+  """(table name, peak) for a device_kind: the exact name, else the longest name followed by a
+  space in `kind` (so "TPU v5 lite" never reads as "TPU v5"); None when the table lacks it."""
+  if kind in PEAK_FLOPS:
+    return kind, PEAK_FLOPS[kind]
+  names = [n for n in PEAK_FLOPS if kind.startswith(n + " ")]
+  return (max(names, key=len), PEAK_FLOPS[max(names, key=len)]) if names else None
 
 
 def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
@@ -32,10 +42,9 @@ def peak_flops(override: float = 0.0) -> tuple[float, str]:
   """(peak FLOP/s summed over devices, where it came from): a flag, the table, or a measurement."""
   if override > 0:
     return override, "flag"
-  kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS.items():
-    if kind.startswith(name):
-      return flops * jax.device_count(), f"table:{name}"
+  found = table_peak(jax.devices()[0].device_kind)
+  if found is not None:
+    return found[1] * jax.device_count(), f"table:{found[0]}"
   return measured_matmul_flops() * jax.device_count(), "measured_matmul"
 
 
