@@ -1,7 +1,8 @@
 """Every benchmark in one command, into one JSON file: the training step against transformers
 (ratio, MFU against a measured matmul peak), MoE scaling from 8 to 64 experts against a dense
 one-hot baseline, decode (absorbed, expanded, transformers) with cache bytes against MHA, and the
-SFT and DPO steps against TRL. Each benchmark runs as its own process, one after the other (time
+SFT, DPO and GRPO steps against TRL (GRPO split into rollout and train time), and sandbox programs
+per second. Each benchmark runs as its own process, one after the other (time
 nothing else meanwhile); a failed one is recorded with its error and the rest still run.
 
   .venv/bin/python -m bench.run_all --out=bench/results.json
@@ -25,7 +26,8 @@ BENCHMARKS = (
     ("pretrain_step", ["--shapes=bench-tiny,bench-small", "--steps=5"]),
     ("moe_scaling", ["--experts=8,16,32,64", "--steps=5"]),
     ("generate", ["--batches=1,32", "--contexts=128,2048", "--new_tokens=32", "--rounds=2"]),
-    ("posttrain_step", ["--stages=sft,dpo", "--steps=5"]),
+    ("posttrain_step", ["--stages=sft,dpo,grpo", "--steps=5"]),
+    ("sandbox", ["--programs=64", "--workers=1,2,4"]),
 )
 
 _OUT = flags.DEFINE_string("out", "bench/results.json", "The JSON file written.")

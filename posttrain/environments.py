@@ -139,11 +139,10 @@ def run_episodes(model, tokenizer, envs: Sequence[Environment], problems: Sequen
   masks, logprobs = [[] for _ in range(n)], [[] for _ in range(n)]
   final, rewards, turns = [""] * n, [0.0] * n, [0] * n
   done, truncated = [False] * n, [False] * n
+  turn = 0
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers or 8) as pool:
-    for turn in range(1 << 30):
+    while not all(done):  # Each turn adds tokens: the budget ends every episode eventually.
       live = [i for i in range(n) if not done[i]]
-      if not live:
-        break
       out = rollout.sample(model, [prompts[i] + suffix[i] for i in live], sampling,
                            jax.random.fold_in(key, turn), min(batch_size, len(live)), width=width)
       texts = [rollout.response_text(tokenizer, ids, "chat") for ids in out.tokens]
@@ -166,6 +165,7 @@ def run_episodes(model, tokenizer, envs: Sequence[Environment], problems: Sequen
         suffix[i] += more
         masks[i] += [0.0] * len(more)
         logprobs[i] += [0.0] * len(more)
+      turn += 1
   responses = rollout.Responses(suffix, [np.asarray(x, np.float32) for x in logprobs], truncated,
                                 loss_mask=[np.asarray(m, np.float32) for m in masks])
   return Episodes(prompts, responses, final, rewards, turns)

@@ -34,3 +34,14 @@ def tiny_pretrain(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("tiny_pretrain"))
   pretrain(c, workdir)
   return workdir
+
+
+@pytest.fixture(scope="session")
+def chat_tok(tmp_path_factory):
+  """A SentencePiece tokenizer (vocabulary 320) trained on the built-in corpus, extended with the
+  chat special tokens: what RL and environment tests sample with."""
+  from posttrain import chat
+  from train import corpus
+  from train.tokenizer import SentencePieceTokenizer, train_sentencepiece
+  sp = train_sentencepiece([corpus.document(0, i) for i in range(300)], vocab_size=320)
+  return SentencePieceTokenizer(chat.chat_tokenizer_file(sp, str(tmp_path_factory.mktemp("tok"))))

@@ -60,15 +60,11 @@ class Scripted:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(chat_tok):
   from conftest import small_config
   from model.transformer import init_model
-  from train import corpus
-  from train.tokenizer import SentencePieceTokenizer, train_sentencepiece
-  sp = train_sentencepiece([corpus.document(0, i) for i in range(300)], vocab_size=320)
-  tok = SentencePieceTokenizer(chat.chat_tokenizer_file(sp, str(tmp_path_factory.mktemp("tok"))))
-  policy = init_model(small_config(vocab_size=tok.vocab_size, max_seq_len=96), seed=1)
-  return policy, tok, get_task("arithmetic").problems("train", 8)
+  policy = init_model(small_config(vocab_size=chat_tok.vocab_size, max_seq_len=96), seed=1)
+  return policy, chat_tok, get_task("arithmetic").problems("train", 8)
 
 
 def test_episodes_interleave_sampled_turns_and_masked_observations(world):

@@ -147,17 +147,13 @@ def test_reward_set_combines_and_rejects_bad_rewards():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  """A random tiny policy with a chat tokenizer trained on the corpus, and arithmetic problems."""
+def world(chat_tok):
+  """A random tiny policy with the chat tokenizer, and arithmetic problems."""
   from conftest import small_config
   from model.transformer import init_model
   from posttrain.tasks import get_task
-  from train import corpus
-  from train.tokenizer import SentencePieceTokenizer, train_sentencepiece
-  sp = train_sentencepiece([corpus.document(0, i) for i in range(300)], vocab_size=320)
-  tok = SentencePieceTokenizer(chat.chat_tokenizer_file(sp, str(tmp_path_factory.mktemp("tok"))))
-  policy = init_model(small_config(vocab_size=tok.vocab_size, max_seq_len=64), seed=0)
-  return policy, tok, get_task("arithmetic").problems("train", 16)
+  policy = init_model(small_config(vocab_size=chat_tok.vocab_size, max_seq_len=64), seed=0)
+  return policy, chat_tok, get_task("arithmetic").problems("train", 16)
 
 
 def _parity(prompts, completions, **fields):
