@@ -267,6 +267,7 @@ def time_grpo_trl(cfg: ModelConfig, prompts: np.ndarray, samples: int, new_token
   data = datasets.Dataset.from_list([dict(prompt=words(row)) for row in prompts] * (warmup + steps))
   times = []
   with tempfile.TemporaryDirectory() as out:
+    model.save_pretrained(out + "/model")  # With beta > 0 TRL loads its reference from a path.
     args = trl.GRPOConfig(
         output_dir=out, max_steps=warmup + steps, per_device_train_batch_size=len(prompts) * samples,
         num_generations=samples, max_completion_length=new_tokens, temperature=1.0, beta=beta,
@@ -274,7 +275,8 @@ def time_grpo_trl(cfg: ModelConfig, prompts: np.ndarray, samples: int, new_token
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
         adam_beta2=0.95, max_grad_norm=1.0, logging_steps=10**6, save_strategy="no",
         report_to="none", use_cpu=True, dataloader_num_workers=0, bf16=False, fp16=False, seed=0)
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=data,
+    trainer = trl.GRPOTrainer(model=out + "/model", reward_funcs=[reward], args=args,
+                              train_dataset=data,
                               processing_class=_tokenizer(cfg.vocab_size),
                               callbacks=[_step_timer(times)])
     trainer.train()

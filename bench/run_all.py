@@ -31,7 +31,8 @@ BENCHMARKS = (
 )
 
 _OUT = flags.DEFINE_string("out", "bench/results.json", "The JSON file written.")
-_ONLY = flags.DEFINE_list("only", [], "Run only these benchmarks (default: all).")
+_ONLY = flags.DEFINE_list("only", [], "Run only these benchmarks (default: all); the other "
+                          "entries of an existing --out file are kept.")
 
 
 def run_benchmark(module: str, args: list[str]) -> dict:
@@ -40,9 +41,13 @@ def run_benchmark(module: str, args: list[str]) -> dict:
   proc = subprocess.run([sys.executable, "-m", f"bench.{module}", *args], capture_output=True,
                         text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   results = []
-  for line in proc.stdout.splitlines():
-    if line.startswith("{"):
-      results.append(json.loads(line))
+  for line in proc.stdout.splitlines():  # JSON objects; other printed lines (a peer's logs) pass.
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict):
+      results.append(row)
   entry = dict(command=f"python -m bench.{module} {' '.join(args)}", returncode=proc.returncode,
                seconds=time.perf_counter() - start, results=results)
   if proc.returncode:
@@ -59,6 +64,9 @@ def main(argv):
   import jax
   report = dict(date=datetime.date.today().isoformat(), host=platform.node(),
                 device=jax.devices()[0].device_kind, cpu_count=os.cpu_count(), benchmarks={})
+  if _ONLY.value and os.path.exists(_OUT.value):  # A partial re-run keeps the other entries.
+    with open(_OUT.value) as f:
+      report["benchmarks"] = json.load(f)["benchmarks"]
   for name, args in BENCHMARKS:
     if _ONLY.value and name not in _ONLY.value:
       continue

@@ -103,8 +103,10 @@ def _entries(attn: MLAttention, kind: str, x_BTD, positions_BT):
           else attn.keys_values(latent_BTR, k_rope_BTP))
 
 
-def _prefill_stack(blocks: Optional[Block], kind, x_BTD, positions_BT, segment_ids_BT, max_len):
-  """Runs the prompt through one stack; returns (x, the stack's cache padded to max_len)."""
+def _prefill_stack(blocks: Optional[Block], kind, x_BTD, positions_BT, segment_ids_BT, max_len,
+                   record: bool = False):
+  """Runs the prompt through one stack; returns (x, the stack's cache padded to max_len, the
+  experts of its MoE layers [L, B, max_len, K] padded with -1 when `record`, else None)."""
   if blocks is None:
     return x_BTD, None, None
   graphdef, state = nnx.split(blocks)
@@ -113,7 +115,7 @@ def _prefill_stack(blocks: Optional[Block], kind, x_BTD, positions_BT, segment_i
     block = nnx.merge(graphdef, layer_state)
     entries = _entries(block.attn, kind, block.attn_norm(h_BTD), positions_BT)
     h_BTD, stats = block(h_BTD, positions_BT, segment_ids_BT)
-    return h_BTD, (entries, None if stats is None else stats.experts)
+    return h_BTD, (entries, stats.experts if record and stats is not None else None)
 
   x_BTD, ((first, second), experts) = jax.lax.scan(body, x_BTD, state)
   pad = lambda a, value=0: jnp.pad(a, [(0, 0), (0, 0), (0, max_len - a.shape[2])]
@@ -141,10 +143,10 @@ def prefill(model: Transformer, tokens_BT, lengths_B, max_len: int, kind: str = 
   x_BTD, dense, _ = _prefill_stack(model.dense_layers, kind, x_BTD, positions_BT, segment_ids_BT,
                                    max_len)
   x_BTD, moe, experts = _prefill_stack(model.moe_layers, kind, x_BTD, positions_BT, segment_ids_BT,
-                                       max_len)
+                                       max_len, record_experts)
   last_B1D = jnp.take_along_axis(x_BTD, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)
   logits = model.output_logits(model.final_norm(last_B1D))[:, 0]
-  if record_experts and experts is not None:  # Padding positions were routed too: not recorded.
+  if experts is not None:  # Padding positions were routed too: not recorded.
     real_1BS1 = (jnp.arange(max_len)[None, :] < lengths_B[:, None])[None, :, :, None]
     experts = jnp.where(real_1BS1, experts, -1)
   else:
@@ -158,8 +160,9 @@ def _write(stack_array, layer, rows_B1, slots_BT, values_BT):
 
 
 def _decode_stack(blocks: Optional[Block], kind, stack: Optional[LayerCache], x_BTD, positions_BT,
-                  mask_B1TS):
-  """Extends one stack's cache with the new tokens and runs them through its layers."""
+                  mask_B1TS, record: bool = False):
+  """Extends one stack's cache with the new tokens and runs them through its layers; also
+  returns the MoE layers' experts of the new tokens [L, B, T, K] when `record`, else None."""
   if blocks is None:
     return x_BTD, None, None
   graphdef, state = nnx.split(blocks)
@@ -182,7 +185,7 @@ def _decode_stack(blocks: Optional[Block], kind, stack: Optional[LayerCache], x_
           jnp.concatenate([q_nope, q_rope], -1), first[layer], second[layer], mask_B1TS,
           block.attn.cfg.softmax_scale))
     h_BTD, stats = block.feed_forward(h_BTD + out)
-    return (h_BTD, first, second), None if stats is None else stats.experts
+    return (h_BTD, first, second), stats.experts if record and stats is not None else None
 
   layers = jnp.arange(stack.first.shape[0])
   (x_BTD, first, second), experts = jax.lax.scan(body, (x_BTD, *stack), (state, layers))
@@ -199,10 +202,10 @@ def decode_step(model: Transformer, cache: Cache, tokens_BT):
   dense, moe = cache.stacks
   x_BTD, dense, _ = _decode_stack(model.dense_layers, cache.kind, dense, x_BTD, positions_BT,
                                   mask_B1TS)
-  x_BTD, moe, experts = _decode_stack(model.moe_layers, cache.kind, moe, x_BTD, positions_BT,
-                                      mask_B1TS)
-  logits = model.output_logits(model.final_norm(x_BTD))
   record = cache.experts
+  x_BTD, moe, experts = _decode_stack(model.moe_layers, cache.kind, moe, x_BTD, positions_BT,
+                                      mask_B1TS, record is not None)
+  logits = model.output_logits(model.final_norm(x_BTD))
   if record is not None:  # [L, B, T, K] of the new tokens, written at their positions.
     record = record.at[:, jnp.arange(b)[:, None], positions_BT].set(experts)
   return logits, Cache((dense, moe), cache.lengths + t, cache.kind, record)

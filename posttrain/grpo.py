@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from posttrain import lora
 from posttrain.environments import make_environment
+from posttrain.plots import overoptimisation_plot
 from posttrain.reward_model import reward_function
 from posttrain.rewards import RewardSet, length_penalty, task_accuracy, think_format
 from posttrain.rl import ADVANTAGES, RolloutBatches, RolloutConfig
@@ -75,7 +76,8 @@ class GrpoConfig:
 
 
 def token_losses(cfg: GrpoConfig, logp_BT, old_BT, advantages_B, mask_BT):
-  """Per-token surrogate losses [B, T] (zero off the completion mask) and the clip fractions
+  """Per-token surrogate losses [B, T] (zero off the completion mask) for advantages per
+  completion [B] or per token [B, T] (PPO), and the clip fractions
   {"clip_fraction": all, "clip_low": ratio below 1 - eps_low, "clip_high": above 1 + eps_high},
   each over the masked tokens."""
   mask = mask_BT.astype(jnp.float32)
@@ -84,7 +86,7 @@ def token_losses(cfg: GrpoConfig, logp_BT, old_BT, advantages_B, mask_BT):
     seq = log_ratio.sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
     log_ratio = jnp.broadcast_to(seq[:, None], log_ratio.shape)
   ratio = jnp.exp(log_ratio)
-  a = advantages_B[:, None].astype(jnp.float32)
+  a = (advantages_B if advantages_B.ndim == 2 else advantages_B[:, None]).astype(jnp.float32)
   if cfg.surrogate == "cispo":
     weight = jax.lax.stop_gradient(jnp.minimum(ratio, 1.0 + cfg.eps_high))
     loss = -weight * a * logp_BT
@@ -160,25 +162,20 @@ def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None, temperature:
   return loss_fn
 
 
-def grpo_stage(c, workdir: str):
-  """The GRPO stage: rollouts of the policy on the tasks' train problems, verifier rewards, the
-  configured objective; full fine-tuning or LoRA, a reference model only when beta > 0."""
-  if not c.init_from:
-    raise ValueError("config.init_from is required: an SFT (or any chat) workdir or HF directory")
-  gcfg, rcfg = GrpoConfig(**dict(c.grpo)), RolloutConfig(**dict(c.rollout))
+def check_rollout_schedule(c, rcfg: RolloutConfig) -> None:
+  """ValueError unless total_steps and checkpoint_every fall between rollouts."""
   for name in ("total_steps", "checkpoint_every"):
     if getattr(c, name) % rcfg.updates_per_rollout:
       raise ValueError(f"config.{name} {getattr(c, name)} must be a multiple of the "
                        f"{rcfg.updates_per_rollout} updates per rollout (epochs x minibatches), "
                        "so every checkpoint falls between rollouts and resumes exactly")
-  policy, tokenizer = load_chat_model(c.init_from, workdir, dict(c.model_overrides))
-  cfg = policy.cfg
-  lora_cfg = lora.LoraConfig(**dict(c.lora))
-  run_config = dict(model=run_model_fields(cfg), data=c.data.to_dict(), init_from=c.init_from,
-                    tokenizer=tokenizer_record(tokenizer), lora=dataclasses.asdict(lora_cfg),
-                    grpo=dataclasses.asdict(gcfg), rollout=dataclasses.asdict(rcfg),
-                    rewards=c.rewards.to_dict())
-  check_run_config(workdir, dict(run_config, **loop_fields(c)))
+
+
+def rl_batches(c, rcfg: RolloutConfig, tokenizer, model_cfg, advantage: str = "grpo",
+               std_eps: float = 1e-4, source=RolloutBatches, **source_args):
+  """The RL batch source of an RL stage's config `c`: the tasks' train problems (c.data), the
+  rewards (c.rewards: verifier accuracy, format, a reward model, the overlong penalty) and, with
+  rollout.environment, the environment episodes; checked against the model's max_seq_len."""
   names = [t.strip() for t in c.data.tasks.split(",") if t.strip()]
   if c.rewards.code_tests not in ("all", "fraction"):
     raise ValueError(f"config.rewards.code_tests must be 'all' or 'fraction', got "
@@ -204,15 +201,33 @@ def grpo_stage(c, workdir: str):
     options = dict(max_turns=rcfg.max_turns, isolation=c.rewards.sandbox)
     make_environment(rcfg.environment, tasks[names[0]], **options)  # Checks the name early.
     environment = lambda p: make_environment(rcfg.environment, tasks[p.task], **options)
-  batches = RolloutBatches(problems, tokenizer, RewardSet(rewards, weights), rcfg,
-                           gcfg.advantage, seed=c.data.seed, std_eps=gcfg.std_eps,
-                           environment=environment)
-  width = batches.width
-  if batches.sampling_width > cfg.max_seq_len:
+  batches = source(problems, tokenizer, RewardSet(rewards, weights), rcfg, advantage,
+                   seed=c.data.seed, std_eps=std_eps, environment=environment, **source_args)
+  if batches.sampling_width > model_cfg.max_seq_len:
     raise ValueError(f"prompts of up to {batches.prompt_width} tokens + rollout.max_new_tokens "
                      f"{rcfg.max_new_tokens}" + (f" + rollout.turn_tokens (an environment's "
                                                   f"last turn)" if rcfg.environment else "")
-                     + f" exceed the model's max_seq_len {cfg.max_seq_len}")
+                     + f" exceed the model's max_seq_len {model_cfg.max_seq_len}")
+  return batches
+
+
+def grpo_stage(c, workdir: str):
+  """The GRPO stage: rollouts of the policy on the tasks' train problems, verifier rewards, the
+  configured objective; full fine-tuning or LoRA, a reference model only when beta > 0."""
+  if not c.init_from:
+    raise ValueError("config.init_from is required: an SFT (or any chat) workdir or HF directory")
+  gcfg, rcfg = GrpoConfig(**dict(c.grpo)), RolloutConfig(**dict(c.rollout))
+  check_rollout_schedule(c, rcfg)
+  policy, tokenizer = load_chat_model(c.init_from, workdir, dict(c.model_overrides))
+  cfg = policy.cfg
+  lora_cfg = lora.LoraConfig(**dict(c.lora))
+  run_config = dict(model=run_model_fields(cfg), data=c.data.to_dict(), init_from=c.init_from,
+                    tokenizer=tokenizer_record(tokenizer), lora=dataclasses.asdict(lora_cfg),
+                    grpo=dataclasses.asdict(gcfg), rollout=dataclasses.asdict(rcfg),
+                    rewards=c.rewards.to_dict())
+  check_run_config(workdir, dict(run_config, **loop_fields(c)))
+  batches = rl_batches(c, rcfg, tokenizer, cfg, gcfg.advantage, gcfg.std_eps)
+  width = batches.width
   frozen, reference = None, None
   if gcfg.beta:
     tree, rebuild = frozen_copy(policy)
@@ -227,8 +242,12 @@ def grpo_stage(c, workdir: str):
 
 
 def grpo(c, workdir: str) -> list[dict]:
-  """Runs (or resumes) GRPO; returns this invocation's logged metrics rows."""
-  return run(grpo_stage(c, workdir), c, workdir)
+  """Runs (or resumes) GRPO; returns this invocation's logged metrics rows. Against a
+  reward model it also plots proxy against gold reward (DIR/overoptimisation.png)."""
+  rows = run(grpo_stage(c, workdir), c, workdir)
+  if c.rewards.reward_model:
+    overoptimisation_plot(workdir)
+  return rows
 
 
 if __name__ == "__main__":

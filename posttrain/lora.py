@@ -26,6 +26,7 @@ from flax import nnx
 
 from model.transformer import Transformer
 from model.vocab import grow_vocab
+from posttrain.heads import head_kind, load_scored_model
 from train.checkpoint import load_model, restore_weights, save_weights
 from train.tokenizer import load_tokenizer
 
@@ -164,7 +165,10 @@ def _run_config(path: str) -> dict:
 
 def load_policy(path: str) -> Transformer:
   """The model a workdir or HF directory holds; a LoRA workdir's adapters are merged into its
-  base (`init_from`, vocabulary grown as the run grew it) with its trained router biases."""
+  base (`init_from`, vocabulary grown as the run grew it) with its trained router biases; a PPO
+  workdir's policy is its value model's trunk."""
+  if head_kind(path) == "value":
+    return load_scored_model(path, "value").trunk
   is_lora = (os.path.exists(os.path.join(path, "run_config.json"))
              and (_run_config(path).get("lora") or {}).get("rank"))
   if not is_lora:

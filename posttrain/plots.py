@@ -1,5 +1,5 @@
-"""The pipeline's PNG plots (matplotlib, no display): what each stage's metrics did over its steps,
-and held-out pass@1 by stage."""
+"""PNG plots (matplotlib, no display): what each pipeline stage's metrics did over its steps,
+held-out pass@1 by stage, and RLHF's proxy against gold reward (over-optimisation)."""
 
 from __future__ import annotations
 
@@ -91,3 +91,37 @@ def pipeline_plots(workdir: str, stages: list[dict]) -> list[str]:
   if _pass_at_1_plot(plt, stages, out):
     paths.append(out)
   return paths
+
+
+def overoptimisation_plot(workdir: str) -> str | None:
+  """DIR/overoptimisation.png of an RL run against a reward model: the proxy reward (the reward
+  model's, `reward_reward_model`) and the gold reward (the verifier's, `reward_accuracy`) over
+  steps and against the KL to the reference (PPO's `kl_rollout`, else GRPO's `kl`). None when
+  the run logged no proxy and gold rewards."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from train.metrics import read_metrics
+  rows = [r for r in read_metrics(workdir)
+          if "reward_reward_model" in r and "reward_accuracy" in r]
+  if not rows:
+    return None
+  steps = [r["step"] for r in rows]
+  kl = [r.get("kl_rollout", r.get("kl", float("nan"))) for r in rows]
+  fig, axes = plt.subplots(2, 1, figsize=(6, 5.6))
+  for ax, x, label in ((axes[0], steps, "step"), (axes[1], kl, "KL to the reference")):
+    ax.plot(x, [r["reward_reward_model"] for r in rows], marker="o", color="tab:blue",
+            label="proxy: reward model")
+    gold = ax.twinx()
+    gold.plot(x, [r["reward_accuracy"] for r in rows], marker="s", color="tab:red",
+              label="gold: verifier accuracy")
+    ax.set_xlabel(label)
+    ax.set_ylabel("proxy reward", color="tab:blue")
+    gold.set_ylabel("gold reward", color="tab:red")
+    ax.grid(alpha=0.3)
+  axes[0].set_title("Reward-model over-optimisation")
+  fig.tight_layout()
+  out = os.path.join(workdir, "overoptimisation.png")
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out

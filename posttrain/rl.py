@@ -96,6 +96,12 @@ def group_advantages(rewards_PG: np.ndarray, kind: str, eps: float = 1e-4) -> np
   return np.where(finite, out, 0.0)
 
 
+def language_model(policy):
+  """The language model that samples: the policy itself, or the trunk of a policy that carries a
+  value head (PPO's posttrain.heads.ScoredModel)."""
+  return getattr(policy, "trunk", policy)
+
+
 class RolloutBatches:
   """Mini-batches of rollouts from the current policy over `problems` (a resumable source)."""
 
@@ -159,6 +165,7 @@ class RolloutBatches:
 
   # --- one rollout -----------------------------------------------------------------------------
   def _sample_groups(self, policy, indices: list[int], key):
+    policy = language_model(policy)
     g = self.cfg.samples
     prompts = [self.prompt_ids[i] for i in indices for _ in range(g)]
     problems = [self.problems[i] for i in indices for _ in range(g)]
@@ -213,7 +220,6 @@ class RolloutBatches:
     sampler = np.zeros((n, t), np.float32)
     rewards = np.stack([gr["total"] for gr in groups])  # [P, G]
     finite = np.isfinite(rewards)
-    advantages = group_advantages(rewards, self.advantage, self.std_eps)
     lengths, truncated = [], []
     recorded = groups[0]["experts"] is not None
     if recorded:  # [rows, moe layers, T, K]: -1 (route as usual) where nothing was recorded.
@@ -236,11 +242,12 @@ class RolloutBatches:
           record = gr["experts"][k][:, :t]
           replay[row, :, :record.shape[1]] = record
     old = np.asarray(jax.device_get(jitted_logprobs(
-        policy, tokens, mask, cfg.temperature, replay if recorded else None)[0]))
+        language_model(policy), tokens, mask, cfg.temperature, replay if recorded else None)[0]))
+    targets, target_metrics = self._targets(policy, tokens, mask, old, rewards)
     order = np.random.default_rng([self.seed, self.rollouts, 1]).permutation(n)
     self.buffer = dict(tokens=tokens[order], completion_mask=mask[order],
-                       advantages=advantages.reshape(-1)[order].astype(np.float32),
-                       old_logprobs=old[order], sampler_logprobs=sampler[order])
+                       old_logprobs=old[order], sampler_logprobs=sampler[order],
+                       **{k: v[order] for k, v in targets.items()})
     if recorded:
       self.buffer["replay_experts"] = replay[order]
     on = mask > 0
@@ -261,9 +268,17 @@ class RolloutBatches:
              mismatch_kl=float((sampler[on] - old[on]).mean()) if diff.size else 0.0)
     m.update({f"reward_{k}": float(np.nanmean(v)) for k, v in parts.items()})
     m.update({f"reward_{k}_std": float(np.nanstd(v)) for k, v in parts.items()})
+    m.update(target_metrics)
     if self._turns:  # Environment episodes: assistant turns per episode.
       m["turns"], self._turns = float(np.mean(self._turns)), []
     self.metrics.append(m)
+
+  def _targets(self, policy, tokens, mask, old, rewards_PG) -> tuple[dict, dict]:
+    """What the objective trains on besides tokens and log-probs, per row in rollout order, and
+    metrics: here the group advantages [rows] (PPO's batch source computes per-token GAE)."""
+    del policy, tokens, mask, old
+    advantages = group_advantages(rewards_PG, self.advantage, self.std_eps)
+    return dict(advantages=advantages.reshape(-1).astype(np.float32)), {}
 
   # --- the loop's interface --------------------------------------------------------------------
   def next_batch(self, policy) -> dict:

@@ -33,6 +33,16 @@ def mean_or_zero(total, count):
   return total / jnp.maximum(count, 1.0)
 
 
+def token_logprobs(logits_BTY, tokens_BT, mask_BT, temperature: float = 1.0):
+  """Per-token log p(tokens[t] | tokens[:t]) [B, T] from a forward pass's logits at
+  `temperature`, where mask[t] is set (else 0; entry 0 is always 0): sequence_logprobs' core,
+  for a caller that already ran the model (PPO's policy with a value head)."""
+  logits_BTY = logits_BTY[:, :-1].astype(jnp.float32) / temperature
+  picked_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTY, axis=-1),
+                                  tokens_BT[:, 1:, None], axis=-1)[..., 0]
+  return jnp.pad(picked_BT, ((0, 0), (1, 0))) * mask_BT.astype(jnp.float32).at[:, 0].set(0)
+
+
 def sequence_logprobs(model, tokens_BT, mask_BT, positions_BT=None, segment_ids_BT=None,
                       temperature: float = 1.0, with_output: bool = False, replay_BLTK=None):
   """Log-probabilities of `tokens` under `model`: (per token [B, T], per-sequence sum [B]), and
@@ -45,10 +55,7 @@ def sequence_logprobs(model, tokens_BT, mask_BT, positions_BT=None, segment_ids_
   """
   replay = None if replay_BLTK is None else jnp.swapaxes(replay_BLTK, 0, 1)
   out = model(tokens_BT, positions_BT, segment_ids_BT, replay)
-  logits_BTY = out.logits[:, :-1].astype(jnp.float32) / temperature
-  picked_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTY, axis=-1),
-                                  tokens_BT[:, 1:, None], axis=-1)[..., 0]
-  per_token_BT = jnp.pad(picked_BT, ((0, 0), (1, 0))) * mask_BT.astype(jnp.float32).at[:, 0].set(0)
+  per_token_BT = token_logprobs(out.logits, tokens_BT, mask_BT, temperature)
   if with_output:
     return per_token_BT, per_token_BT.sum(-1), out
   return per_token_BT, per_token_BT.sum(-1)
