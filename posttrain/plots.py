@@ -109,12 +109,14 @@ def overoptimisation_plot(workdir: str) -> str | None:
   steps = [r["step"] for r in rows]
   kl = [r.get("kl_rollout", r.get("kl", float("nan"))) for r in rows]
   fig, axes = plt.subplots(2, 1, figsize=(6, 5.6))
-  for ax, x, label in ((axes[0], steps, "step"), (axes[1], kl, "KL to the reference")):
-    ax.plot(x, [r["reward_reward_model"] for r in rows], marker="o", color="tab:blue",
-            label="proxy: reward model")
+  # Over steps as lines; against KL (not monotonic in steps) as points.
+  for ax, x, label, line in ((axes[0], steps, "step", "-"), (axes[1], kl, "KL to the reference",
+                                                             "none")):
+    ax.plot(x, [r["reward_reward_model"] for r in rows], marker="o", linestyle=line,
+            color="tab:blue", label="proxy: reward model")
     gold = ax.twinx()
-    gold.plot(x, [r["reward_accuracy"] for r in rows], marker="s", color="tab:red",
-              label="gold: verifier accuracy")
+    gold.plot(x, [r["reward_accuracy"] for r in rows], marker="s", linestyle=line,
+              color="tab:red", label="gold: verifier accuracy")
     ax.set_xlabel(label)
     ax.set_ylabel("proxy reward", color="tab:blue")
     gold.set_ylabel("gold reward", color="tab:red")
