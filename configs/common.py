@@ -49,6 +49,19 @@ def add_loop(c: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDi
   return c
 
 
+def add_rl_training(c: ml_collections.ConfigDict, peak_lr: float, log_every: int
+                    ) -> ml_collections.ConfigDict:
+  """The training blocks an RL stage's config shares (GRPO, PPO): a constant learning rate, no
+  weight decay, the router biases frozen (gamma 0) and the MTP head left out (RL trains the
+  policy's next token), no spike guard, the mesh, and the loop."""
+  c.optimizer = optimizer(peak_lr=peak_lr, warmup_steps=0, end_lr_fraction=1.0, weight_decay=0.0)
+  c.step = step(mtp_weight=0.0, mtp_weight_final=0.0, mtp_switch_step=0, bias_gamma=0.0,
+                spike_zscore=0.0)
+  c.mesh = mesh()
+  return add_loop(c, total_steps=100, log_every=log_every, checkpoint_every=20,
+                  keep_checkpoints=2, eval_every=0)
+
+
 def preference_data(**changes) -> ml_collections.ConfigDict:
   """The preference-pair block the reward model and DPO share."""
   fields = dict(

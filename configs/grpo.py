@@ -46,14 +46,7 @@ def get_config(arg=None):
       code_tests="all",  # Program task: "all" (1 only when every hidden test passes) or "fraction".
       sandbox="namespaces"))  # Program task isolation; "rlimits" accepts rlimits only (sandbox.py).
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q_a,q_b,kv_a,kv_b,o"))
-  c.optimizer = common.optimizer(peak_lr=2e-4, warmup_steps=0, end_lr_fraction=1.0,
-                                 weight_decay=0.0)  # Constant.
-  # Routing biases frozen (gamma 0) and the MTP head left out: RL trains the policy's next token.
-  c.step = common.step(mtp_weight=0.0, mtp_weight_final=0.0, mtp_switch_step=0, bias_gamma=0.0,
-                       spike_zscore=0.0)
-  c.mesh = common.mesh()
-  common.add_loop(c, total_steps=100, log_every=5, checkpoint_every=20, keep_checkpoints=2,
-                  eval_every=0)
+  common.add_rl_training(c, peak_lr=2e-4, log_every=5)
   if arg == "dapo":
     c.grpo.update(eps_high=0.28, aggregation="token_mean")
     c.rollout.update(dynamic_sampling=True, overlong="filter")

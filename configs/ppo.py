@@ -29,13 +29,7 @@ def get_config(arg=None):
       kl_coef=0.05,  # Initial (or fixed) KL penalty per token.
       kl_target=0.0,  # > 0: Ziegler et al.'s adaptive controller aims the rollout KL here.
       kl_horizon=10000.0, whiten_rewards=True, reward_clip=5.0, value_init_scale=0.0))
-  c.optimizer = common.optimizer(peak_lr=5e-5, warmup_steps=0, end_lr_fraction=1.0,
-                                 weight_decay=0.0)  # Constant.
-  c.step = common.step(mtp_weight=0.0, mtp_weight_final=0.0, mtp_switch_step=0, bias_gamma=0.0,
-                       spike_zscore=0.0)
-  c.mesh = common.mesh()
-  common.add_loop(c, total_steps=100, log_every=4, checkpoint_every=20, keep_checkpoints=2,
-                  eval_every=0)
+  common.add_rl_training(c, peak_lr=5e-5, log_every=4)
   if arg == "rlhf":  # PPO against a learned reward: pass --config.rewards.reward_model=DIR.
     c.rewards.accuracy = 0.0  # The verifier's score is logged (reward_accuracy), not optimised.
     c.ppo.kl_target = 6.0  # The adaptive controller, as Ziegler et al. ran it.

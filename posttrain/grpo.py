@@ -211,21 +211,38 @@ def rl_batches(c, rcfg: RolloutConfig, tokenizer, model_cfg, advantage: str = "g
   return batches
 
 
+def rl_start(c, workdir: str, **fields):
+  """(policy, tokenizer, run_config) of an RL stage: the chat model of `init_from` and the run
+  config (model, data, rewards and the stage's own `fields`), checked against the workdir's."""
+  if not c.init_from:
+    raise ValueError("config.init_from is required: an SFT (or any chat) workdir or HF directory")
+  policy, tokenizer = load_chat_model(c.init_from, workdir, dict(c.model_overrides))
+  run_config = dict(model=run_model_fields(policy.cfg), data=c.data.to_dict(),
+                    init_from=c.init_from, tokenizer=tokenizer_record(tokenizer),
+                    rewards=c.rewards.to_dict(), **fields)
+  check_run_config(workdir, dict(run_config, **loop_fields(c)))
+  return policy, tokenizer, run_config
+
+
+def run_rl(stage: Stage, c, workdir: str) -> list[dict]:
+  """Runs (or resumes) an RL stage; returns this invocation's logged metrics rows. Against a
+  reward model it also plots proxy against gold reward (DIR/overoptimisation.png)."""
+  rows = run(stage, c, workdir)
+  if c.rewards.reward_model:
+    overoptimisation_plot(workdir)
+  return rows
+
+
 def grpo_stage(c, workdir: str):
   """The GRPO stage: rollouts of the policy on the tasks' train problems, verifier rewards, the
   configured objective; full fine-tuning or LoRA, a reference model only when beta > 0."""
-  if not c.init_from:
-    raise ValueError("config.init_from is required: an SFT (or any chat) workdir or HF directory")
   gcfg, rcfg = GrpoConfig(**dict(c.grpo)), RolloutConfig(**dict(c.rollout))
   check_rollout_schedule(c, rcfg)
-  policy, tokenizer = load_chat_model(c.init_from, workdir, dict(c.model_overrides))
-  cfg = policy.cfg
   lora_cfg = lora.LoraConfig(**dict(c.lora))
-  run_config = dict(model=run_model_fields(cfg), data=c.data.to_dict(), init_from=c.init_from,
-                    tokenizer=tokenizer_record(tokenizer), lora=dataclasses.asdict(lora_cfg),
-                    grpo=dataclasses.asdict(gcfg), rollout=dataclasses.asdict(rcfg),
-                    rewards=c.rewards.to_dict())
-  check_run_config(workdir, dict(run_config, **loop_fields(c)))
+  policy, tokenizer, run_config = rl_start(
+      c, workdir, lora=dataclasses.asdict(lora_cfg), grpo=dataclasses.asdict(gcfg),
+      rollout=dataclasses.asdict(rcfg))
+  cfg = policy.cfg
   batches = rl_batches(c, rcfg, tokenizer, cfg, gcfg.advantage, gcfg.std_eps)
   width = batches.width
   frozen, reference = None, None
@@ -242,12 +259,8 @@ def grpo_stage(c, workdir: str):
 
 
 def grpo(c, workdir: str) -> list[dict]:
-  """Runs (or resumes) GRPO; returns this invocation's logged metrics rows. Against a
-  reward model it also plots proxy against gold reward (DIR/overoptimisation.png)."""
-  rows = run(grpo_stage(c, workdir), c, workdir)
-  if c.rewards.reward_model:
-    overoptimisation_plot(workdir)
-  return rows
+  """Runs (or resumes) GRPO; returns this invocation's logged metrics rows."""
+  return run_rl(grpo_stage(c, workdir), c, workdir)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from posttrain.grpo import GrpoConfig, check_rollout_schedule, rl_batches, token_losses
+from posttrain.grpo import (GrpoConfig, check_rollout_schedule, rl_batches, rl_start, run_rl,
+                            token_losses)
 from posttrain.heads import ScoredModel
-from posttrain.plots import overoptimisation_plot
 from posttrain.rl import RolloutBatches, RolloutConfig
-from posttrain.start import frozen_copy, load_chat_model, tokenizer_record
-from train.checkpoint import check_run_config
-from train.loop import Stage, loop_fields, run, run_model_fields
+from posttrain.start import frozen_copy
+from train.loop import Stage
 from train.loss import jitted_logprobs, token_logprobs
 from train.step import router_totals
 
@@ -170,17 +169,11 @@ def ppo_loss(cfg: PpoConfig, temperature: float = 1.0):
 def ppo_stage(c, workdir: str):
   """The PPO stage: the chat policy with a value head on its trunk, rollouts on the tasks' train
   problems, the configured rewards shaped with a KL penalty to the starting policy."""
-  if not c.init_from:
-    raise ValueError("config.init_from is required: an SFT (or any chat) workdir or HF directory")
   pcfg, rcfg = PpoConfig(**dict(c.ppo)), RolloutConfig(**dict(c.rollout))
   check_rollout_schedule(c, rcfg)
-  policy, tokenizer = load_chat_model(c.init_from, workdir, dict(c.model_overrides))
+  policy, tokenizer, run_config = rl_start(c, workdir, ppo=dataclasses.asdict(pcfg),
+                                           rollout=dataclasses.asdict(rcfg), scored_head="value")
   cfg = policy.cfg
-  run_config = dict(model=run_model_fields(cfg), data=c.data.to_dict(), init_from=c.init_from,
-                    tokenizer=tokenizer_record(tokenizer), ppo=dataclasses.asdict(pcfg),
-                    rollout=dataclasses.asdict(rcfg), rewards=c.rewards.to_dict(),
-                    scored_head="value")
-  check_run_config(workdir, dict(run_config, **loop_fields(c)))
   tree, rebuild = frozen_copy(policy)  # The reference: a host copy of the starting policy.
   batches = rl_batches(c, rcfg, tokenizer, cfg, source=PpoBatches, ppo=pcfg,
                        reference=rebuild(tree))
@@ -192,12 +185,8 @@ def ppo_stage(c, workdir: str):
 
 
 def ppo(c, workdir: str) -> list[dict]:
-  """Runs (or resumes) PPO; returns this invocation's logged metrics rows. Against a
-  reward model it also plots proxy against gold reward (DIR/overoptimisation.png)."""
-  rows = run(ppo_stage(c, workdir), c, workdir)
-  if c.rewards.reward_model:
-    overoptimisation_plot(workdir)
-  return rows
+  """Runs (or resumes) PPO; returns this invocation's logged metrics rows."""
+  return run_rl(ppo_stage(c, workdir), c, workdir)
 
 
 if __name__ == "__main__":
