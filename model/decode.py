@@ -106,7 +106,7 @@ def _entries(attn: MLAttention, kind: str, x_BTD, positions_BT):
 def _prefill_stack(blocks: Optional[Block], kind, x_BTD, positions_BT, segment_ids_BT, max_len,
                    record: bool = False):
   """Runs the prompt through one stack; returns (x, the stack's cache padded to max_len, the
-  experts of its MoE layers [L, B, max_len, K] padded with -1 when `record`, else None)."""
+  experts of its MoE layers [L, B, max_len, K] when `record`, else None)."""
   if blocks is None:
     return x_BTD, None, None
   graphdef, state = nnx.split(blocks)
@@ -118,10 +118,9 @@ def _prefill_stack(blocks: Optional[Block], kind, x_BTD, positions_BT, segment_i
     return h_BTD, (entries, stats.experts if record and stats is not None else None)
 
   x_BTD, ((first, second), experts) = jax.lax.scan(body, x_BTD, state)
-  pad = lambda a, value=0: jnp.pad(a, [(0, 0), (0, 0), (0, max_len - a.shape[2])]
-                                   + [(0, 0)] * (a.ndim - 3), constant_values=value)
-  experts = None if experts is None else pad(experts, -1)
-  return x_BTD, LayerCache(pad(first), pad(second)).constrained(), experts
+  pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, max_len - a.shape[2])] + [(0, 0)] * (a.ndim - 3))
+  return x_BTD, LayerCache(pad(first), pad(second)).constrained(), (
+      None if experts is None else pad(experts))
 
 
 def prefill(model: Transformer, tokens_BT, lengths_B, max_len: int, kind: str = "latent",
@@ -146,11 +145,9 @@ def prefill(model: Transformer, tokens_BT, lengths_B, max_len: int, kind: str = 
                                        max_len, record_experts)
   last_B1D = jnp.take_along_axis(x_BTD, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)
   logits = model.output_logits(model.final_norm(last_B1D))[:, 0]
-  if experts is not None:  # Padding positions were routed too: not recorded.
+  if experts is not None:  # Padding and not-yet-decoded positions: -1 (nothing recorded).
     real_1BS1 = (jnp.arange(max_len)[None, :] < lengths_B[:, None])[None, :, :, None]
     experts = jnp.where(real_1BS1, experts, -1)
-  else:
-    experts = None
   return logits, Cache((dense, moe), lengths_B, kind, experts)
 
 

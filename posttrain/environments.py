@@ -113,12 +113,11 @@ class Episodes:
 
 
 def observation_tokens(tokenizer, messages: list[dict]) -> list[int]:
-  """Ids of observation messages after an assistant turn, then the next generation prompt."""
-  ids = []
-  for m in messages:
-    ids += [chat.special_id(tokenizer, chat.ROLE_TOKENS[m["role"]])]
-    ids += chat.encode_text(tokenizer, m["content"]) + [chat.special_id(tokenizer, chat.END)]
-  return ids + [chat.special_id(tokenizer, chat.ROLE_TOKENS["assistant"])]
+  """Ids of observation messages after an assistant turn, then the next generation prompt: the
+  chat format's prompt encoding without its leading bos."""
+  if not messages:  # An environment may go on with no observation: only the next prompt.
+    return [chat.special_id(tokenizer, chat.ROLE_TOKENS["assistant"])]
+  return chat.encode_prompt(tokenizer, messages)[1:]
 
 
 def run_episodes(model, tokenizer, envs: Sequence[Environment], problems: Sequence[Problem],

@@ -123,13 +123,13 @@ class RolloutBatches:
         rollout.prompt_tokens(tokenizer, p, "chat") for p in self.problems]
     self.prompt_width = max(len(p) for p in self.prompt_ids)
     self.width = self.prompt_width + cfg.max_new_tokens  # Every row: one compiled shape.
-    # Tokens a sampling call covers: an environment's later turns continue from up to `width`.
-    self.sampling_width = self.width + (cfg.turn_tokens or cfg.max_new_tokens if environment
-                                        else 0)
+    # Tokens one sampling call adds: a whole completion, or an environment episode's one turn,
+    # which continues from up to `width` tokens.
+    turn_tokens = (cfg.turn_tokens or cfg.max_new_tokens) if environment else cfg.max_new_tokens
+    self.sampling_width = (self.width + turn_tokens) if environment else self.width
     pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0
     self.sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p,
-                                   max_new_tokens=(cfg.turn_tokens or cfg.max_new_tokens)
-                                   if environment else cfg.max_new_tokens,
+                                   max_new_tokens=turn_tokens,
                                    stop_tokens=chat.stop_tokens(tokenizer), pad_token=pad)
     self.rollouts, self.cursor, self.served = 0, 0, 0
     self.buffer, self.metrics, self._turns = None, [], []

@@ -61,11 +61,11 @@ def sample(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, ke
       tokens.append(ids)
       logprobs.append(np.asarray(out.logprobs[row, :n]))
       truncated.append(not ids or ids[-1] not in stops)
-      if record_experts and out.experts is not None:
+      if out.experts is not None:  # Recorded only when asked for and the model routes.
         experts.append(np.asarray(out.experts[:, row, :len(chunk[row]) + n]))
     if progress is not None:
       progress.update(real)
-  return Responses(tokens, logprobs, truncated, experts if record_experts else None)
+  return Responses(tokens, logprobs, truncated, experts or None)
 
 
 def prompt_tokens(tokenizer, problem: Problem, style: str) -> list[int]:

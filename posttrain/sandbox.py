@@ -81,12 +81,13 @@ class Limits:
   output_bytes: int = 1 << 20  # stdout + stderr.
 
 
-def _interpreter() -> tuple[str, list[str]]:
+@functools.lru_cache(maxsize=None)
+def _interpreter() -> tuple[str, tuple[str, ...]]:
   """The real Python binary (through any venv link) and the prefixes it needs."""
   python = os.path.realpath(sys.executable)
   paths = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_exec_prefix)}
   paths.add(os.path.dirname(os.path.dirname(python)))
-  return python, sorted(paths)
+  return python, tuple(sorted(paths))
 
 
 def _tasks_of(uid: int) -> int:
@@ -172,7 +173,7 @@ def run(source: str, *, stdin: str = "", isolation: str = "namespaces", limits: 
   program_uid = NOBODY if os.getuid() == 0 and isolation == "namespaces" else os.getuid()
   status_r, status_w = os.pipe()
   job = dict(source=source, stdin=stdin, isolation=isolation, mountpoint=mountpoint,
-             python=python, interpreter_paths=interpreter_paths, env=PROGRAM_ENV,
+             python=python, interpreter_paths=list(interpreter_paths), env=PROGRAM_ENV,
              status_fd=status_w, timeout_s=limits.timeout_s, memory_mb=limits.memory_mb,
              file_size_mb=limits.file_size_mb, disk_mb=limits.disk_mb,
              open_files=limits.open_files,

@@ -20,7 +20,7 @@ import secrets
 
 from posttrain import sandbox
 from posttrain.chat import assistant_content, fenced_code, parse_response
-from posttrain.tasks.base import Problem, Verdict, distinct
+from posttrain.tasks.base import Problem, Verdict, distinct, field
 from train.corpus import FUNCTIONS, is_held_out
 
 HARNESS = r"""import json, os, sys
@@ -97,7 +97,7 @@ class Program:
   def verify_many(self, problems: list[Problem], responses: list[str]) -> list[Verdict]:
     """verify() over many responses, run by the sandbox's worker pool."""
     tokens = [secrets.token_hex(16) for _ in problems]
-    stdins = [f"{t}\n" + json.dumps(dict(code=extract_code(r), tests=list(p.fields["tests"])))
+    stdins = [f"{t}\n" + json.dumps(dict(code=extract_code(r), tests=list(field(p, "tests"))))
               for t, p, r in zip(tokens, problems, responses)]
     results = sandbox.run_many([HARNESS] * len(problems), stdins=stdins,
                                isolation=self.isolation, timeout_s=self.timeout_s,
