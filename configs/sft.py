@@ -26,7 +26,9 @@ def get_config(arg=None):
       builtin_examples=6000,  # Per task family.
       eval_examples=64,  # Per task family (builtin).
       seq_len=128, batch_size=8, seed=0,
-      truncation="truncate"))  # Examples longer than seq_len + 1: "truncate" (keep the head) or "drop".
+      # Examples longer than seq_len + 1: "truncate" (keep the head; one whose head holds no
+      # assistant token is dropped) or "drop". Both are counted and printed.
+      truncation="truncate"))
   c.lora = ml_collections.ConfigDict(dict(
       rank=0,  # 0: full fine-tuning; > 0: LoRA adapters of this rank, the base frozen.
       alpha=16.0,

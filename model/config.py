@@ -98,6 +98,8 @@ class ModelConfig:
   moe_dispatch: str = "auto"
 
   def __post_init__(self):
+    self._check_types()
+
     def positive(*names):
       for name in names:
         if getattr(self, name) <= 0:
@@ -143,6 +145,20 @@ class ModelConfig:
                        f"got {self.moe_dispatch!r}")
     if self.num_experts:
       self._validate_routing()
+
+  def _check_types(self):
+    """TypeError naming the field whose value is not of its default's type (an int field takes
+    ints only, a float field ints or floats; None where the default is None)."""
+    for f in dataclasses.fields(self):
+      value, default = getattr(self, f.name), f.default
+      if f.name == "yarn" or value is None and f.name in ("q_lora_rank", "capacity_factor"):
+        continue
+      expected = {"q_lora_rank": int, "capacity_factor": float}.get(f.name, type(default))
+      ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float
+            else isinstance(value, expected) and (expected is bool or not isinstance(value, bool)))
+      if not ok:
+        raise TypeError(f"ModelConfig.{f.name} must be {expected.__name__}, got "
+                        f"{type(value).__name__} {value!r}")
 
   def _validate_routing(self):
     positive_fields = ("moe_ffn_dim", "experts_per_token", "num_expert_groups", "topk_groups")

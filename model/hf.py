@@ -175,11 +175,19 @@ def _to_ours(path: tuple, hf_array: np.ndarray, shape: tuple) -> np.ndarray:
   return hf_array.reshape(shape)
 
 
+def _hf_shape(path: tuple, shape: tuple) -> tuple:
+  """The HF tensor shape of our leaf shape `shape`: torch Linear [out, in] for matrices."""
+  if len(shape) == 1 or path == ("embed", "embedding"):
+    return tuple(shape)
+  in_ndim = 2 if path[-2] == "o" else 1  # o: [N, V, D] takes two input axes.
+  return (int(np.prod(shape[in_ndim:])), int(np.prod(shape[:in_ndim])))
+
+
 def _to_hf(path: tuple, ours: np.ndarray) -> np.ndarray:
   if ours.ndim == 1 or path == ("embed", "embedding"):
     return ours
-  in_ndim = 2 if path[-2] == "o" else 1  # o: [N, V, D] takes two input axes.
-  return ours.reshape(int(np.prod(ours.shape[:in_ndim])), -1).T
+  out_size, in_size = _hf_shape(path, ours.shape)
+  return ours.reshape(in_size, out_size).T
 
 
 # Loading.
@@ -261,12 +269,12 @@ def load_pretrained(path: str, dtype=jnp.float32) -> Transformer:
     if leaf_path not in buffers:
       buffers[leaf_path] = np.empty(leaf.shape, jnp.dtype(dtype))
     target = buffers[leaf_path][idx] if idx else buffers[leaf_path]
-    try:
-      value = _to_ours(leaf_path, np.asarray(array, np.float32), target.shape)
-    except ValueError as e:
-      raise ValueError(f"{path}: tensor {name!r} of shape {array.shape} does not fit "
-                       f"{'.'.join(map(str, leaf_path))}{list(idx)} of shape {target.shape}") from e
-    target[...] = value
+    if tuple(array.shape) != _hf_shape(leaf_path, target.shape):  # Exact: a transposed tensor
+      raise ValueError(                                           # of the same size is wrong too.
+          f"{path}: tensor {name!r} has shape {tuple(array.shape)}, this config.json needs "
+          f"{_hf_shape(leaf_path, target.shape)} (for {'.'.join(map(str, leaf_path))}"
+          f"{list(idx)}, shaped {target.shape} here)")
+    target[...] = _to_ours(leaf_path, np.asarray(array, np.float32), target.shape)
     seen.add(name)
   missing = [n for n in entries if n not in seen]
   if missing:

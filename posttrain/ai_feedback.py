@@ -131,10 +131,10 @@ def label_policy_samples(judge, judge_tokenizer, policy, tokenizer, prompts: lis
 
 def main(argv):
   del argv
-  from absl import logging
   from posttrain.preferences import write_preferences
   from posttrain.start import load_chat_model
-  logging.set_verbosity(logging.WARNING)
+  from train.metrics import quiet_logging
+  quiet_logging()
   f = flags.FLAGS
   principles = read_constitution(f.constitution) if f.constitution else list(DEFAULT_CONSTITUTION)
   policy, tokenizer = load_chat_model(f.policy)

@@ -258,24 +258,19 @@ def add_special_tokens_hf_json(src_path: str, dst_path: str, tokens=SPECIAL_TOKE
   `add_special_tokens_hf_dict`). Idempotent; `dst_path` may be `src_path`."""
   with open(src_path, encoding="utf-8") as f:
     tok = json.load(f)
-  tok = add_special_tokens_hf_dict(tok, tokens)
-  tmp = dst_path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(tok, f, ensure_ascii=False)
-  os.replace(tmp, dst_path)
+  from train.checkpoint import write_atomically
+  write_atomically(dst_path, json.dumps(add_special_tokens_hf_dict(tok, tokens), ensure_ascii=False))
 
 
 def chat_tokenizer_file(tokenizer, workdir: str) -> str:
   """Writes `tokenizer` with the chat special tokens into `workdir` (tokenizer.model for
   SentencePiece, tokenizer.json for HF) and returns the file's path."""
+  from train.checkpoint import write_atomically
   from train.tokenizer import HFTokenizer, SentencePieceTokenizer
   os.makedirs(workdir, exist_ok=True)
   if isinstance(tokenizer, SentencePieceTokenizer):
     path = os.path.join(workdir, "tokenizer.model")
-    data = add_special_tokens_sentencepiece(tokenizer.model_proto)
-    with open(path + ".tmp", "wb") as f:
-      f.write(data)
-    os.replace(path + ".tmp", path)
+    write_atomically(path, add_special_tokens_sentencepiece(tokenizer.model_proto))
     return path
   if isinstance(tokenizer, HFTokenizer):
     path = os.path.join(workdir, "tokenizer.json")

@@ -12,7 +12,7 @@ _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 def run_stage_cli(stage: str, run: Callable, summary: Callable[[dict], str]) -> None:
   """Defines the flags, then runs `run(config, workdir)` and prints `summary(last logged row)`;
   `stage` names the default config file (configs/STAGE.py) and workdir (workdir/STAGE)."""
-  from absl import app, flags, logging
+  from absl import app, flags
   from ml_collections import config_flags
   config = config_flags.DEFINE_config_file("config", os.path.join(_CONFIGS, f"{stage}.py"),
                                            "Run config file.")
@@ -20,7 +20,8 @@ def run_stage_cli(stage: str, run: Callable, summary: Callable[[dict], str]) -> 
 
   def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
+    from train.metrics import quiet_logging
+    quiet_logging()
     rows = run(config.value, workdir.value)
     if rows:
       print(f"done: step {rows[-1]['step']} {summary(rows[-1])}", flush=True)

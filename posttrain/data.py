@@ -54,17 +54,19 @@ class Examples:
   tokens: list[np.ndarray]
   masks: list[np.ndarray]
   truncated: int  # Examples longer than a row that were cut to one row.
-  dropped: int  # Examples longer than a row that were left out.
+  dropped: int  # Examples longer than a row that were left out (or left with no trained token).
 
 
 def prepare(encoded, row_len: int, truncation: str = "truncate") -> Examples:
-  """Applies the truncation policy to [(tokens, mask)] for rows of `row_len` tokens."""
+  """Applies the truncation policy to [(tokens, mask)] for rows of `row_len` tokens: "truncate"
+  keeps the head (and drops an example whose head has no trained token: its prompt fills the
+  row), "drop" leaves out every example longer than a row; both are counted."""
   if truncation not in TRUNCATION:
     raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
   tokens, masks, truncated, dropped = [], [], 0, 0
   for t, m in encoded:
     if len(t) > row_len:
-      if truncation == "drop":
+      if truncation == "drop" or not np.any(np.asarray(m[:row_len])):
         dropped += 1
         continue
       t, m = t[:row_len], m[:row_len]
@@ -72,8 +74,8 @@ def prepare(encoded, row_len: int, truncation: str = "truncate") -> Examples:
     tokens.append(np.asarray(t, np.int32))
     masks.append(np.asarray(m, np.float32))
   if not tokens:
-    raise ValueError(f"no examples left: all {dropped} are longer than {row_len} tokens and "
-                     "truncation='drop'")
+    raise ValueError(f"no examples left: all {dropped} are longer than {row_len} tokens (with "
+                     f"truncation={truncation!r}); raise the sequence length")
   return Examples(tokens, masks, truncated, dropped)
 
 

@@ -142,8 +142,8 @@ def run_eval(checkpoint: str, task_name: str, n: int = 200, samples: int = 8, ks
 
 def main(argv):
   del argv
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)
+  from train.metrics import quiet_logging
+  quiet_logging()
   f = flags.FLAGS
   report = run_eval(f.checkpoint, f.task, f.n, f.samples, tuple(int(k) for k in f.k), f.data,
                     f.out, f.seed, temperature=f.temperature, max_new_tokens=f.max_new_tokens,

@@ -212,8 +212,8 @@ def merge(workdir: str, out: str, hf_format: bool = False) -> None:
 def main(argv):
   if len(argv) != 2 or argv[1] != "merge":
     raise SystemExit("usage: python -m posttrain.lora merge --workdir=DIR --out=OUT [--hf]")
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)
+  from train.metrics import quiet_logging
+  quiet_logging()
   merge(_WORKDIR.value, _OUT.value, _HF.value)
   print(f"merged {_WORKDIR.value} into {_OUT.value}", flush=True)
 

@@ -211,7 +211,7 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-  from absl import app, flags, logging
+  from absl import app, flags
   from ml_collections import config_flags
   _CONFIG = config_flags.DEFINE_config_file(
       "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -220,7 +220,8 @@ if __name__ == "__main__":
 
   def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
+    from train.metrics import quiet_logging
+    quiet_logging()
     report = run_pipeline(_CONFIG.value, _WORKDIR.value)
     print(table(report["stages"]))
     print(f"report: {os.path.join(_WORKDIR.value, 'report.json')}; plots: "

@@ -75,6 +75,9 @@ def record_preference(record: dict, where: str) -> Preference:
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
       n += 1
     prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    if not prompt:
+      raise ValueError(f"{where}: no 'prompt' field, and 'chosen' and 'rejected' share no leading "
+                       "messages to take it from")
   for name, messages in (("chosen", chosen), ("rejected", rejected)):
     validate_messages(prompt + messages, f"{where}: field {name!r}")
     if not messages or any(m["role"] != "assistant" for m in messages):
@@ -270,8 +273,11 @@ def configured_pairs(d, split: str) -> list[Preference]:
 
 def pair_data(d, tokenizer, split: str, shard=(0, 1), extra: dict | None = None):
   """PairBatches of the configured train (shuffled) or held-out (in order) pairs; None when
-  there are no held-out pairs. Prints the truncation counts of the train split."""
+  there are no held-out pairs (no training pairs: a ValueError). Prints the truncation counts of the train split."""
   pairs = configured_pairs(d, split)
+  if not pairs and split == "train":
+    raise ValueError(f"config.data: no training pairs (source {d.source!r}, builtin_pairs "
+                     f"{d.builtin_pairs}, paths {d.paths!r})")
   if not pairs:
     return None
   encoded = encode_pairs(tokenizer, pairs, d.seq_len, d.truncation)

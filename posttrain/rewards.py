@@ -3,15 +3,18 @@
 `prompts` and `completions` are texts (a completion is the assistant turn up to `<|end|>`);
 `fields` are per-row lists the caller passes along (here `problems`: the task Problem of each
 row). An RL stage combines several rewards with weights and logs each one separately
-(`RewardSet`). A reward that raises or returns the wrong number of values stops the run with an
-error naming it; a non-finite value stays NaN (the RL stage drops that row from the update and
-counts it), never replaced by a made-up score.
+(`RewardSet`). A non-finite value stays NaN: the RL stage drops that row from the update and
+counts it (reward_nonfinite), never replacing it with a made-up score. A reward that raises
+scores the whole batch NaN the same way, with a warning and a count (reward_NAME_errors); one that
+raises on `max_consecutive_errors` calls in a row stops the run with its error. One that returns
+the wrong number of values stops the run at once (that is a bug, not a passing fault).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 from typing import Callable, Sequence
 
 import numpy as np
@@ -61,16 +64,21 @@ def length_penalty(max_tokens: int, cache_tokens: int) -> Reward:
 
 
 def _check_signature(name: str, fn: Reward) -> None:
+  """TypeError unless `fn` can be called as fn(prompts, completions, **fields)."""
+  if not callable(fn):
+    raise TypeError(f"reward {name!r} is a {type(fn).__name__}, not a callable")
   try:
     params = inspect.signature(fn).parameters
-  except (TypeError, ValueError):
+  except (TypeError, ValueError):  # Builtins and extensions without a signature: trusted.
     return
   kinds = [p.kind for p in params.values()]
   positional = [p for p in params.values()
                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-  if len(positional) < 2 and inspect.Parameter.VAR_POSITIONAL not in kinds:
-    raise TypeError(f"reward {name!r}: a reward is called as fn(prompts, completions, **fields); "
-                    f"its signature is {inspect.signature(fn)}")
+  if ((len(positional) < 2 and inspect.Parameter.VAR_POSITIONAL not in kinds)
+      or inspect.Parameter.VAR_KEYWORD not in kinds):
+    raise TypeError(f"reward {name!r}: a reward is called as fn(prompts, completions, **fields) "
+                    f"(fields such as problems= and lengths=); its signature is "
+                    f"{inspect.signature(fn)}")
 
 
 @dataclasses.dataclass
@@ -79,8 +87,11 @@ class RewardSet:
 
   rewards: dict  # name -> callable.
   weights: dict  # name -> float.
+  max_consecutive_errors: int = 3  # Calls in a row a reward may raise before the run stops.
 
   def __post_init__(self):
+    self.errors = {name: 0 for name in self.rewards}  # Calls that raised, since pop_errors.
+    self.streak = {name: 0 for name in self.rewards}  # Consecutive calls that raised.
     if not self.rewards:
       raise ValueError("RewardSet needs at least one reward")
     missing = sorted(set(self.rewards) - set(self.weights))
@@ -96,11 +107,26 @@ class RewardSet:
     for name, fn in self.rewards.items():
       try:
         values = fn(list(prompts), list(completions), **fields)
-      except Exception as e:
-        raise RuntimeError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
+      except Exception as e:  # pylint: disable=broad-except  # Any failure of user code.
+        self.errors[name] += 1
+        self.streak[name] += 1
+        if self.streak[name] >= self.max_consecutive_errors:
+          raise RuntimeError(f"reward {name!r} raised on {self.streak[name]} calls in a row; the "
+                             f"last: {type(e).__name__}: {e}") from e
+        print(f"WARNING: reward {name!r} raised {type(e).__name__}: {e}; its {n} rows score NaN "
+              "and are left out of this update", file=sys.stderr, flush=True)
+        parts[name] = np.full((n,), np.nan)
+        continue
+      self.streak[name] = 0
       values = np.asarray(list(values), np.float64)
       if values.shape != (n,):
         raise ValueError(f"reward {name!r} returned {values.size} values for {n} completions")
       parts[name] = values
     total = sum(self.weights[k] * v for k, v in parts.items())
     return total, parts
+
+  def pop_errors(self) -> dict:
+    """{"reward_NAME_errors": calls of NAME that raised} since the last call, every reward."""
+    counts = {f"reward_{k}_errors": float(v) for k, v in self.errors.items()}
+    self.errors = {k: 0 for k in self.errors}
+    return counts

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
 from model.sampling import SamplingConfig
 from posttrain import chat, rollout
@@ -187,6 +188,7 @@ class RolloutBatches:
   def _rollout(self, policy) -> None:
     start = time.perf_counter()
     cfg, g = self.cfg, self.cfg.samples
+    logging.info("sampling rollout %d: %d prompts x %d", self.rollouts, cfg.prompts, g)
     key = jax.random.fold_in(jax.random.key(self.seed), self.rollouts)
     kept, spare, drawn, rounds = [], [], 0, 0
     while len(kept) < cfg.prompts and rounds <= (cfg.max_refills if cfg.dynamic_sampling else 0):
@@ -268,6 +270,7 @@ class RolloutBatches:
              mismatch_kl=float((sampler[on] - old[on]).mean()) if diff.size else 0.0)
     m.update({f"reward_{k}": float(np.nanmean(v)) for k, v in parts.items()})
     m.update({f"reward_{k}_std": float(np.nanstd(v)) for k, v in parts.items()})
+    m.update(self.rewards.pop_errors())
     m.update(target_metrics)
     if self._turns:  # Environment episodes: assistant turns per episode.
       m["turns"], self._turns = float(np.mean(self._turns)), []

@@ -59,7 +59,11 @@ def load_chat_model(path: str, workdir: str | None = None, execution: dict | Non
   `workdir` when given), the vocabulary grown to fit it, then the `execution` fields (dtype,
   remat, kernels) applied. A LoRA workdir's adapters are merged in."""
   model: Transformer = load_policy(path)
-  tokenizer = chat_tokenizer(load_tokenizer(path), workdir)
+  base = load_tokenizer(path)
+  if base.vocab_size > model.cfg.vocab_size:  # Growth is for the chat tokens only.
+    raise ValueError(f"{path}: its tokenizer has {base.vocab_size} tokens but its model's "
+                     f"vocabulary is {model.cfg.vocab_size}: not this model's tokenizer")
+  tokenizer = chat_tokenizer(base, workdir)
   vocab = max(model.cfg.vocab_size, tokenizer.vocab_size)
   if vocab > model.cfg.vocab_size:
     model = grow_vocab(model, vocab)

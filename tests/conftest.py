@@ -1,8 +1,21 @@
-"""Shared tiny configs for the tests."""
+"""Shared tiny configs for the tests, and one persistent JAX compilation cache per test session
+(set before JAX is imported; subprocesses inherit it): the many tiny runs that compile the same
+programs compile each once."""
 
-import pytest
+import atexit
+import os
+import shutil
+import tempfile
 
-from model.config import ModelConfig
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="jax-test-cache-")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+import pytest  # pylint: disable=wrong-import-position
+
+from model.config import ModelConfig  # pylint: disable=wrong-import-position
 
 
 def small_config(**changes) -> ModelConfig:

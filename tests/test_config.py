@@ -24,10 +24,48 @@ from tests.conftest import small_config
     (dict(capacity_factor=0.0), "capacity_factor must be positive"),
     (dict(dtype="int8"), "dtype must be"),
     (dict(remat_policy="some"), "remat_policy must be one of"),
+    *[(dict([(name, 0)]), f"{name} must be positive, got 0") for name in (
+        "vocab_size", "d_model", "num_layers", "num_heads", "dense_ffn_dim", "max_seq_len",
+        "qk_nope_head_dim", "qk_rope_head_dim", "moe_ffn_dim", "experts_per_token",
+        "num_expert_groups", "topk_groups")],
+    (dict(rope_theta=-1.0), "rope_theta must be positive"),
+    (dict(rms_norm_eps=0.0), "rms_norm_eps must be positive"),
+    (dict(attention_type="mha"), "attention_type must be one of"),
+    (dict(attention_type="gqa", num_kv_heads=0), "num_kv_heads must be positive"),
+    (dict(attention_type="gqa", num_kv_heads=2, head_dim=0), "head_dim must be positive"),
+    (dict(attention_type="gqa", num_kv_heads=2, head_dim=7), "head_dim must be even"),
+    (dict(num_experts=-1), "num_experts must be >= 0"),
+    (dict(mtp_depth=-1), "mtp_depth must be >= 0"),
+    (dict(attention_impl="fast"), "attention_impl must be one of"),
+    (dict(moe_impl="fast"), "moe_impl must be one of"),
+    (dict(moe_dispatch="mail"), "moe_dispatch must be one of"),
+    (dict(num_shared_experts=-1), "num_shared_experts must be >= 0"),
+    (dict(topk_method="best"), "topk_method must be one of"),
 ])
 def test_validation_names_the_field(changes, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
     small_config(**changes)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(num_heads=2.5), "ModelConfig.num_heads must be int, got float 2.5"),
+    (dict(num_layers=True), "ModelConfig.num_layers must be int, got bool True"),
+    (dict(norm_topk_prob=1), "ModelConfig.norm_topk_prob must be bool, got int 1"),
+    (dict(dtype=16), "ModelConfig.dtype must be str, got int 16"),
+    (dict(q_lora_rank=8.0), "ModelConfig.q_lora_rank must be int, got float 8.0"),
+    (dict(init_std="0.02"), "ModelConfig.init_std must be float, got str '0.02'"),
+])
+def test_field_types_are_checked(changes, message):
+  with pytest.raises(TypeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    small_config(**changes)
+  small_config(q_lora_rank=None, capacity_factor=2, rope_theta=10000)  # Ints where floats go.
+
+
+def test_yarn_rules():
+  with pytest.raises(ValueError, match="YarnConfig.factor must be >= 1"):
+    YarnConfig(factor=0.5)
+  with pytest.raises(ValueError, match="YarnConfig.original_max_len must be positive"):
+    YarnConfig(original_max_len=0)
 
 
 def test_yarn_validation():

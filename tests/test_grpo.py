@@ -138,8 +138,21 @@ def test_reward_set_combines_and_rejects_bad_rewards():
   np.testing.assert_allclose(total, [2, -0.5, -1])
   with pytest.raises(ValueError, match="returned 1 values for 3"):
     RewardSet({"short": lambda p, c, **f: [1.0]}, {"short": 1.0})(["p"] * 3, completions)
-  with pytest.raises(RuntimeError, match="reward 'boom' raised ZeroDivisionError"):
-    RewardSet({"boom": lambda p, c, **f: [1 / 0]}, {"boom": 1.0})(["p"] * 3, completions)
+  # A reward that raises scores its batch NaN and is counted; three calls in a row stop the run.
+  calls = iter([True, False, True, True, True])
+  flaky = lambda p, c, **f: [1 / 0] if next(calls) else [1.0] * len(c)
+  boom = RewardSet({"boom": flaky, "format": think_format}, {"boom": 1.0, "format": 1.0})
+  total, parts = boom(["p"] * 3, completions)
+  assert np.isnan(total).all() and np.isnan(parts["boom"]).all()
+  np.testing.assert_allclose(parts["format"], [1, 0, 0])
+  np.testing.assert_allclose(boom(["p"] * 3, completions)[0], [2, 1, 1])
+  boom(["p"] * 3, completions)
+  boom(["p"] * 3, completions)
+  assert boom.pop_errors() == {"reward_boom_errors": 3.0, "reward_format_errors": 0.0}
+  assert boom.pop_errors()["reward_boom_errors"] == 0.0
+  with pytest.raises(RuntimeError, match="reward 'boom' raised on 3 calls in a row; the last: "
+                                         "ZeroDivisionError"):
+    boom(["p"] * 3, completions)
   with pytest.raises(TypeError, match="fn\\(prompts, completions"):
     RewardSet({"bad": lambda completions: []}, {"bad": 1.0})
   with pytest.raises(ValueError, match="no weight"):

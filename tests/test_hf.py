@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -177,3 +178,18 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
   (tmp_path / "missing" / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
     hf.load_pretrained(str(tmp_path / "missing"))
+  # A tensor of the wrong shape: transposed (same size, which a reshape would accept) or cut.
+  name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+  for label, change in (("transposed", lambda a: a.T), ("cut", lambda a: a[:-1])):
+    shape = {}
+
+    def reshape(n, a, change=change):
+      if n == name:
+        shape["want"], a = a.shape, change(a)
+        shape["got"] = a.shape
+      return [(n, a)]
+    config = _rewrite(str(tmp_path / "ok"), str(tmp_path / label), reshape)
+    (tmp_path / label / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(
+        f"tensor {name!r} has shape {shape['got']}, this config.json needs {shape['want']}")):
+      hf.load_pretrained(str(tmp_path / label))

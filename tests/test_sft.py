@@ -53,7 +53,9 @@ def test_packing_keeps_examples_whole_and_masks_assistant_targets():
 def test_truncation_policy_is_applied_and_counted():
   long = _examples([30, 4, 40])
   kept = prepare(long, row_len=17, truncation="truncate")
-  assert (kept.truncated, kept.dropped) == (2, 0) and [len(t) for t in kept.tokens] == [17, 4, 17]
+  # The 40-token example's answer starts at token 20: its head has nothing to train on.
+  assert (kept.truncated, kept.dropped) == (1, 1) and [len(t) for t in kept.tokens] == [17, 4]
+  assert kept.masks[0].sum() == 2
   dropped = prepare(long, row_len=17, truncation="drop")
   assert (dropped.truncated, dropped.dropped) == (0, 2) and len(dropped.tokens) == 1
   with pytest.raises(ValueError, match="truncation must be"):

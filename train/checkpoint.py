@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 from model import hf
@@ -20,8 +23,10 @@ class Checkpointer:
 
   def __init__(self, workdir: str, every: int, keep: int):
     self.every = every
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.first_process = jax.process_index() == 0
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True))
 
   def latest_step(self):
@@ -31,8 +36,11 @@ class Checkpointer:
     """Starts an asynchronous save when `step` is due (or `force`); returns whether it did."""
     if not force and step % self.every:
       return False
-    return self.manager.save(step, args=ocp.args.Composite(
+    started = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+    if started:
+      logging.info("step %d: writing checkpoint (asynchronously)", step)
+    return started
 
   def restore(self, step: int, abstract_state: TrainState):
     """(state, data iterator state) saved at `step`, laid out like `abstract_state`."""
@@ -41,6 +49,41 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
 
+  def restore_latest(self, abstract_state: TrainState):
+    """(step, state, data iterator state) of the newest checkpoint that restores, or None when
+    there is none. Newer ones that do not (a truncated or missing file, another model's) are
+    moved aside to DIR/checkpoints/STEP.unreadable-TIME with a warning, so that the run can write
+    those steps again. When none restores, a ValueError names each step and its error, and
+    nothing is moved: the run never starts over silently."""
+    failures = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, data = self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except  # Any failure to read the files.
+        failures.append((step, f"{type(e).__name__}: {str(e)[:300]}"))
+        print(f"WARNING: {self.directory}/{step} cannot be restored ({failures[-1][1]})",
+              file=sys.stderr, flush=True)
+        continue
+      for bad, _ in failures:
+        if self.first_process:
+          self._move_aside(bad)
+      if failures:
+        self.manager.reload()
+      return step, state, data
+    if failures:
+      raise ValueError(f"{self.directory}: no checkpoint could be restored: " + "; ".join(
+          f"step {s}: {why}" for s, why in failures) + ". A checkpoint of another model config "
+          "does not fit this run: restore good checkpoints, or start over in a new --workdir")
+    return None
+
+  def _move_aside(self, step: int) -> None:
+    """Renames an unreadable step directory so that the run can write that step again."""
+    source = os.path.join(self.directory, str(step))
+    target = f"{source}.unreadable-{int(time.time())}"
+    os.rename(source, target)
+    print(f"WARNING: moved it to {target}; resuming from an earlier checkpoint",
+          file=sys.stderr, flush=True)
+
   def wait(self):
     self.manager.wait_until_finished()
 
@@ -48,13 +91,22 @@ class Checkpointer:
     self.manager.close()
 
 
+def write_atomically(path: str, data) -> None:
+  """Writes `data` (str or bytes) to `path` through a temporary file and a rename, so that a
+  kill leaves either the old file or the whole new one, never a cut one."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb" if isinstance(data, bytes) else "w", **(
+      {} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
 def check_run_config(workdir: str, run_config: dict) -> None:
   """Writes DIR/run_config.json on the first run; later runs must match it field by field."""
   path = os.path.join(workdir, "run_config.json")
   if not os.path.exists(path):
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(run_config, f, indent=2, sort_keys=True)
+    write_atomically(path, json.dumps(run_config, indent=2, sort_keys=True))
     return
   with open(path) as f:
     saved = json.load(f)
@@ -130,8 +182,8 @@ def save_weights(workdir: str, model: Transformer, run_config: dict) -> None:
   if os.path.exists(os.path.join(workdir, "checkpoints")):
     raise FileExistsError(f"{workdir!r} already has checkpoints; choose a new directory")
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "run_config.json"), "w") as f:
-    json.dump(run_config, f, indent=2, sort_keys=True)
+  write_atomically(os.path.join(workdir, "run_config.json"),
+                   json.dumps(run_config, indent=2, sort_keys=True))
   weights = dict(params=nnx.to_pure_dict(nnx.state(model, nnx.Param)),
                  extra=nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
   manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))

@@ -35,8 +35,9 @@ def _define_flags():
 def main(argv):
   """Loads a checkpoint and its tokenizer, then streams the continuation of --prompt to stdout."""
   del argv
-  from absl import flags, logging
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO.
+  from absl import flags
+  from train.metrics import quiet_logging
+  quiet_logging()
   f = flags.FLAGS
   model, tokenizer = load_model(f.checkpoint), load_tokenizer(f.checkpoint)
   prompt = [tokenizer.bos_id] + tokenizer.encode(f.prompt)

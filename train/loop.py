@@ -13,17 +13,16 @@ from typing import Any, Callable, Iterable, Optional
 
 import jax
 import ml_collections
-import numpy as np
 
 from model.config import EXECUTION_FIELDS, ModelConfig, get_preset
 from model.sharding import MeshConfig, make_mesh
 from model.transformer import Transformer, init_model, with_config
 from train import optimizer as opt
-from train.checkpoint import Checkpointer, check_run_config, load_model
+from train.checkpoint import Checkpointer, check_run_config, load_model, write_atomically
 from train.data import DataConfig, make_dataset, open_source
-from train.metrics import MetricsWriter, peak_flops
-from train.parallel import (create_sharded_state, jit_sharded, jit_train_step, param_shardings,
-                            put_batch, shard_state)
+from train.metrics import MetricsWriter, peak_flops, read_metrics
+from train.parallel import (check_batch_layout, create_sharded_state, jit_sharded,
+                            jit_train_step, param_shardings, put_batch, shard_state)
 from train.step import StepConfig, create_train_state, make_train_step, pretrain_loss
 from train.tokenizer import configured_tokenizer, train_sentencepiece
 
@@ -84,8 +83,7 @@ def build_tokenizer(c: ml_collections.ConfigDict, data_cfg: DataConfig, vocab_si
   source = open_source(data_cfg)
   tokenizer = train_sentencepiece((source[i] for i in range(min(t.train_docs, len(source)))),
                                   vocab_size)
-  with open(path, "wb") as f:
-    f.write(tokenizer.model_proto)
+  write_atomically(path, tokenizer.model_proto)
   return tokenizer
 
 
@@ -110,11 +108,14 @@ def pretrain_stage(c: ml_collections.ConfigDict, workdir: str) -> Stage:
   data_cfg = DataConfig(**dict(c.data))
   run_config = dict(model=run_model_fields(cfg), data=dataclasses.asdict(data_cfg),
                     tokenizer=dict(c.tokenizer), init_from=c.init_from)
-  check_run_config(workdir, dict(run_config, **loop_fields(c)))
+  if data_cfg.seq_len > cfg.max_seq_len:
+    raise ValueError(f"config.data.seq_len {data_cfg.seq_len} exceeds the model's max_seq_len "
+                     f"{cfg.max_seq_len}")
   tokenizer = build_tokenizer(c, data_cfg, cfg.vocab_size, workdir)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but "
                      f"config.model_overrides.vocab_size is {cfg.vocab_size}")
+  check_run_config(workdir, dict(run_config, **loop_fields(c)))  # Written once the inputs pass.
   shard = (jax.process_index(), jax.process_count())
   return Stage(
       name="pretrain", cfg=cfg, run_config=run_config,
@@ -146,6 +147,7 @@ def run(stage: Stage, c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   step_cfg = StepConfig(**dict(c.step))
   tx = opt.make_optimizer(opt_cfg)
   mesh = make_mesh(MeshConfig(**dict(c.mesh)))
+  check_batch_layout(stage.batch_size, step_cfg.microbatches, mesh)
   if stage.initial_model is not None:  # Loaded on the host, then laid out on the mesh.
     model = stage.initial_model()
     trained = stage.trainable(model) if stage.trainable is not None else None
@@ -158,9 +160,16 @@ def run(stage: Stage, c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   frozen = jax.device_put(stage.frozen if stage.frozen is not None else {}, frozen_shardings)
   data = stage.batches
   ckpt = Checkpointer(workdir, c.checkpoint_every, c.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is not None:
-    state, data_state = ckpt.restore(start, state)
+  try:
+    restored = ckpt.restore_latest(state)
+    if restored is None:
+      check_nothing_lost(workdir, c.checkpoint_every)
+  except Exception:
+    ckpt.close()
+    raise
+  start = None
+  if restored is not None:
+    start, state, data_state = restored
     data.set_state(data_state)
     print(f"resumed from {workdir}/checkpoints step {start}", flush=True)
 
@@ -181,7 +190,8 @@ def run(stage: Stage, c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     return template.merge(full, state.extra)
 
   peak, peak_source = peak_flops(c.peak_flops)
-  writer = MetricsWriter(workdir, c.total_steps, enabled=jax.process_index() == 0)
+  writer = MetricsWriter(workdir, c.total_steps, enabled=jax.process_index() == 0,
+                         resume_step=start or 0)
   rows, step, tick, restores = [], int(state.step), time.perf_counter(), 0
   while step < c.total_steps:
     host_batch = data.next_batch(policy(state)) if hasattr(data, "next_batch") else next(data)
@@ -225,6 +235,18 @@ def run(stage: Stage, c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   ckpt.wait()
   ckpt.close()
   return rows
+
+
+def check_nothing_lost(workdir: str, checkpoint_every: int) -> None:
+  """Raises when DIR has no checkpoint but its metrics show one was complete (a row past step
+  2 x checkpoint_every: the next save waits for the previous one): starting over would silently
+  replace that work. A run killed before its first checkpoint completed starts over."""
+  rows = read_metrics(workdir)
+  if rows and checkpoint_every and rows[-1]["step"] > 2 * checkpoint_every:
+    raise ValueError(
+        f"{workdir}/checkpoints holds no checkpoint, but {workdir}/metrics.jsonl logs steps up to "
+        f"{rows[-1]['step']} (checkpoints every {checkpoint_every}): they were deleted or lost. "
+        "Put them back, or start over in a new --workdir")
 
 
 def _evaluate(eval_loss, state, frozen, stage: Stage, batches: int, mesh) -> dict:

@@ -51,15 +51,41 @@ def peak_flops(override: float = 0.0) -> tuple[float, str]:
 class MetricsWriter:
   """Appends JSON lines to DIR/metrics.jsonl and prints a progress line with the ETA."""
 
-  def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
+  def __init__(self, workdir: str, total_steps: int, enabled: bool = True, resume_step: int = 0):
+    """`resume_step`: the step the run starts from; rows logged after it (by a run that was
+    killed before its next checkpoint) are dropped, since this run logs those steps again."""
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.total_steps = total_steps
     self.enabled = enabled
     self.start_time, self.start_step = time.perf_counter(), None
     self.tb = None
     if enabled:
+      self._keep_rows_through(resume_step)
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def _keep_rows_through(self, step: int) -> None:
+    """Rewrites metrics.jsonl (atomically) with only its rows of steps <= `step`; a last line cut
+    short by a kill goes too. Any other line that is not JSON is an error naming it."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = f.read().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        if number == len(lines):
+          break
+        raise ValueError(f"{self.path}:{number}: not JSON ({e}); repair or remove the line") from e
+      if row["step"] <= step:
+        kept.append(line)
+    if len(kept) == len(lines):
+      return
+    with open(self.path + ".tmp", "w") as f:
+      f.write("".join(line + "\n" for line in kept))
+    os.replace(self.path + ".tmp", self.path)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -102,3 +128,11 @@ def read_metrics(workdir: str) -> list[dict]:
       raise ValueError(f"{path}:{number}: not JSON ({e})") from e
     rows[row["step"]] = row
   return [rows[s] for s in sorted(rows)]
+
+
+def quiet_logging() -> None:
+  """absl logging at WARNING (orbax logs every save and restore at INFO), unless the command line
+  asked for a level (--verbosity=0 shows INFO: checkpoint writes and rollouts as they start)."""
+  from absl import flags, logging
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)

@@ -87,6 +87,21 @@ def batch_sharding(mesh: Mesh, global_batch: int) -> NamedSharding:
   return NamedSharding(mesh, sharding.batch_spec(1, mesh, global_batch))
 
 
+def check_batch_layout(batch_size: int, microbatches: int, mesh: Mesh) -> None:
+  """ValueError unless `microbatches` divides the global batch and each micro-batch divides over
+  the axes that split the batch (data x fsdp x expert); otherwise rows would be replicated."""
+  if microbatches < 1 or batch_size % microbatches:
+    raise ValueError(f"config.step.microbatches {microbatches} must be >= 1 and divide the batch "
+                     f"of {batch_size} rows")
+  axes = {a: mesh.shape[a] for a in ("data", "fsdp", "expert")}
+  shards = int(np.prod(list(axes.values())))
+  if (batch_size // microbatches) % shards:
+    raise ValueError(f"a micro-batch of {batch_size // microbatches} rows (batch {batch_size} / "
+                     f"{microbatches} micro-batches) does not divide over the mesh's {shards} batch "
+                     f"shards ({' x '.join(f'{a}={n}' for a, n in axes.items())}): make it a "
+                     f"multiple of {shards}, or change config.mesh")
+
+
 def put_batch(batch: dict, mesh: Mesh, global_batch: int) -> dict:
   """This process's rows of the global batch -> global arrays laid out by `batch_sharding`."""
   target = batch_sharding(mesh, global_batch)

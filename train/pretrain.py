@@ -8,7 +8,7 @@ Re-running the same command resumes from the latest checkpoint in DIR.
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from train import distributed
@@ -21,7 +21,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/pretrain", "Checkpoints, metr
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  from train.metrics import quiet_logging
+  quiet_logging()
   distributed.initialize()  # A no-op unless the job has several processes.
   from train.loop import pretrain  # After distributed initialisation.
   rows = pretrain(_CONFIG.value, _WORKDIR.value)
