@@ -189,6 +189,9 @@ def kill_once(cmd: list, env: dict, workdir: str, kill: Kill, timeout: float = 9
     if proc.poll() is None:  # Timed out, or the harness was interrupted.
       os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+  if not kill.killed and proc.returncode:
+    raise RuntimeError(f"{' '.join(cmd[2:4])} exited with {proc.returncode} before its kill "
+                       f"point:\n{''.join(output)[-4000:]}")
   return kill, "".join(output)
 
 

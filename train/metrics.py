@@ -69,19 +69,9 @@ class MetricsWriter:
     short by a kill goes too. Any other line that is not JSON is an error naming it."""
     if not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      lines = f.read().splitlines()
-    kept = []
-    for number, line in enumerate(lines, 1):
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        if number == len(lines):
-          break
-        raise ValueError(f"{self.path}:{number}: not JSON ({e}); repair or remove the line") from e
-      if row["step"] <= step:
-        kept.append(line)
-    if len(kept) == len(lines):
+    rows = _parsed_lines(self.path)
+    kept = [line for line, row in rows if row["step"] <= step]
+    if len(kept) == len(rows) and _ends_whole(self.path):
       return
     with open(self.path + ".tmp", "w") as f:
       f.write("".join(line + "\n" for line in kept))
@@ -107,26 +97,41 @@ class MetricsWriter:
     print(f"[{step}/{self.total_steps}] {shown} eta={eta:.0f}s", file=sys.stderr, flush=True)
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """DIR/metrics.jsonl as rows sorted by step, one per step: a resumed run logs again the steps
-  after its last checkpoint, and the later row wins. A last line cut short by a kill is ignored;
-  any other line that is not JSON is an error naming it. Empty when there is no file."""
-  path = os.path.join(workdir, "metrics.jsonl")
+def _parsed_lines(path: str) -> list[tuple[str, dict]]:
+  """(line, row) for every JSON line of a metrics file (none when it is missing). A last line
+  cut short by a kill is left out; any other line that is not JSON is an error naming it."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
     lines = f.read().splitlines()
-  rows = {}
+  parsed = []
   for number, line in enumerate(lines, 1):
     if not line.strip():
       continue
     try:
-      row = json.loads(line)
+      parsed.append((line, json.loads(line)))
     except json.JSONDecodeError as e:
       if number == len(lines):
         break
-      raise ValueError(f"{path}:{number}: not JSON ({e})") from e
-    rows[row["step"]] = row
+      raise ValueError(f"{path}:{number}: not JSON ({e}); repair or remove the line") from e
+  return parsed
+
+
+def _ends_whole(path: str) -> bool:
+  """Whether a metrics file is empty or ends with a newline (its last line was not cut)."""
+  with open(path, "rb") as f:
+    f.seek(0, os.SEEK_END)
+    if not f.tell():
+      return True
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """DIR/metrics.jsonl as rows sorted by step, one per step: the later of two rows of a step wins
+  (a run restored after bad steps logs them again). A last line cut short by a kill is ignored;
+  any other line that is not JSON is an error naming it. Empty when there is no file."""
+  rows = {row["step"]: row for _, row in _parsed_lines(os.path.join(workdir, "metrics.jsonl"))}
   return [rows[s] for s in sorted(rows)]
 
 
