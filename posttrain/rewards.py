@@ -118,7 +118,11 @@ class RewardSet:
         parts[name] = np.full((n,), np.nan)
         continue
       self.streak[name] = 0
-      values = np.asarray(list(values), np.float64)
+      try:
+        values = np.asarray(list(values), np.float64)
+      except (TypeError, ValueError) as e:
+        raise TypeError(f"reward {name!r} must return a list of {n} numbers, got "
+                        f"{type(values).__name__}: {e}") from e
       if values.shape != (n,):
         raise ValueError(f"reward {name!r} returned {values.size} values for {n} completions")
       parts[name] = values

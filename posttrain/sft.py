@@ -65,7 +65,6 @@ def sft_stage(c: ml_collections.ConfigDict, workdir: str) -> Stage:
   lora_cfg = lora.LoraConfig(**dict(c.lora))
   run_config = dict(model=run_model_fields(cfg), data=d.to_dict(), init_from=c.init_from,
                     tokenizer=tokenizer_record(tokenizer), lora=dataclasses.asdict(lora_cfg))
-  check_run_config(workdir, dict(run_config, **loop_fields(c)))
   if d.seq_len > cfg.max_seq_len:
     raise ValueError(f"config.data.seq_len {d.seq_len} exceeds the model's max_seq_len "
                      f"{cfg.max_seq_len}")
@@ -78,6 +77,9 @@ def sft_stage(c: ml_collections.ConfigDict, workdir: str) -> Stage:
         f"per epoch", flush=True)
   held_out = _chats(d, "eval")
   eval_examples = prepare(encode(held_out), d.seq_len + 1, d.truncation) if held_out else None
+  if eval_examples and c.eval_every:  # Too few held-out rows fail now, not at the first eval.
+    fixed_batches(eval_examples, d.seq_len, d.batch_size, *shard)
+  check_run_config(workdir, dict(run_config, **loop_fields(c)))  # Written once the inputs pass.
   stage = Stage(
       name="sft", cfg=cfg, run_config=run_config, batches=batches, batch_size=d.batch_size,
       tokens_per_batch=d.batch_size * d.seq_len, initial_model=lambda: base,

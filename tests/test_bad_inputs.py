@@ -32,6 +32,10 @@ def test_a_malformed_or_incomplete_jsonl_line_is_named(tmp_path):
                                             '{"prompt": "p", "chosen": "a", "rejected": "b"'])
   with pytest.raises(ValueError, match=r"prefs.jsonl:2: not valid JSON"):
     read_preferences(prefs)
+  latin = tmp_path / "latin.jsonl"
+  latin.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+  with pytest.raises(ValueError, match=r"latin.jsonl:2: not UTF-8 \(byte 14 of the line\)"):
+    open_source(DataConfig(source="jsonl", paths=str(latin)))
   no_prompt = _write(tmp_path / "no_prompt.jsonl", ['{"chosen": "4", "rejected": "5"}'])
   with pytest.raises(ValueError, match=r"no_prompt.jsonl:1: no 'prompt' field, and 'chosen' and "
                                        r"'rejected' share no leading messages"):
@@ -87,6 +91,10 @@ def test_pretraining_refuses_bad_lengths_and_tokenizers_before_writing(tmp_path,
                                        r"config.model_overrides.vocab_size is 320"):
     pretrain_stage(c, str(tmp_path / "vocab"))
   assert not os.path.exists(tmp_path / "vocab" / "run_config.json")
+  c.model_overrides.vocab_size, c.data.builtin_docs, c.data.eval_fraction = 512, 40, 0.01
+  with pytest.raises(ValueError, match=r"the eval split of this process is empty"):
+    pretrain_stage(c, str(tmp_path / "no_eval"))  # Now, not at the first evaluation.
+  assert not os.path.exists(tmp_path / "no_eval" / "run_config.json")
 
 
 def test_post_training_refuses_a_tokenizer_that_is_not_the_models(tmp_path, tiny_pretrain,
@@ -123,6 +131,8 @@ def test_a_reward_that_cannot_take_the_fields_or_is_not_callable():
     RewardSet({"plain": lambda prompts, completions: [0.0] * len(completions)}, {"plain": 1.0})
   with pytest.raises(TypeError, match=r"reward 'number' is a float, not a callable"):
     RewardSet({"number": 1.0, "format": think_format}, {"number": 1.0, "format": 1.0})
+  with pytest.raises(TypeError, match=r"reward 'bare' must return a list of 2 numbers, got float"):
+    RewardSet({"bare": lambda p, c, **f: 1.0}, {"bare": 1.0})(["a", "b"], ["x", "y"])
   with pytest.raises(ValueError, match=r"reward 'scalar' returned 1 values for 2 completions"):
     RewardSet({"scalar": lambda p, c, **f: [np.float64(1.0)]}, {"scalar": 1.0})(["a", "b"],
                                                                                 ["x", "y"])

@@ -63,8 +63,12 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[tuple[int, dic
   """(line number, record) per non-blank line; ValueError naming path:line for a malformed line,
   a non-object or a missing (or non-string) required field, and for a file with no records."""
   records = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{number}: not UTF-8 (byte {e.start + 1} of the line)") from None
       if not line.strip():
         continue
       try:

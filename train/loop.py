@@ -115,8 +115,10 @@ def pretrain_stage(c: ml_collections.ConfigDict, workdir: str) -> Stage:
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but "
                      f"config.model_overrides.vocab_size is {cfg.vocab_size}")
-  check_run_config(workdir, dict(run_config, **loop_fields(c)))  # Written once the inputs pass.
   shard = (jax.process_index(), jax.process_count())
+  if c.eval_every:  # An empty held-out split fails now, not at the first evaluation.
+    make_dataset(data_cfg, tokenizer, "eval", *shard)
+  check_run_config(workdir, dict(run_config, **loop_fields(c)))  # Written once the inputs pass.
   return Stage(
       name="pretrain", cfg=cfg, run_config=run_config,
       batches=iter(make_dataset(data_cfg, tokenizer, "train", *shard)),
