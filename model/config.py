@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Optional
+
+import numpy as np
 
 from kernels.attention import IMPLS as ATTENTION_IMPLS
 from kernels.grouped_matmul import IMPLS as MOE_IMPLS
@@ -147,15 +150,22 @@ class ModelConfig:
       self._validate_routing()
 
   def _check_types(self):
-    """TypeError naming the field whose value is not of its default's type (an int field takes
-    ints only, a float field ints or floats; None where the default is None)."""
+    """TypeError naming the field whose value is not of its type: an int field takes integers
+    (Python or NumPy, not bools), a float field any real number, a str or bool field just that;
+    q_lora_rank and capacity_factor may be None, yarn None or a YarnConfig."""
     for f in dataclasses.fields(self):
-      value, default = getattr(self, f.name), f.default
-      if f.name == "yarn" or value is None and f.name in ("q_lora_rank", "capacity_factor"):
+      value = getattr(self, f.name)
+      if f.name == "yarn":
+        expected, ok = YarnConfig, value is None or isinstance(value, YarnConfig)
+      elif value is None and f.name in ("q_lora_rank", "capacity_factor"):
         continue
-      expected = {"q_lora_rank": int, "capacity_factor": float}.get(f.name, type(default))
-      ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float
-            else isinstance(value, expected) and (expected is bool or not isinstance(value, bool)))
+      else:
+        expected = {"q_lora_rank": int, "capacity_factor": float}.get(f.name, type(f.default))
+        number = {int: numbers.Integral, float: numbers.Real}.get(expected)
+        if number is not None:
+          ok = isinstance(value, number) and not isinstance(value, (bool, np.bool_))
+        else:
+          ok = isinstance(value, expected)
       if not ok:
         raise TypeError(f"ModelConfig.{f.name} must be {expected.__name__}, got "
                         f"{type(value).__name__} {value!r}")

@@ -40,6 +40,8 @@ from train.loss import sequence_logprobs
 from train.step import router_totals
 
 AGGREGATIONS = ("sequence_mean", "token_mean", "constant")
+# Where an RL stage's rows per update come from (named in batch-layout errors).
+RL_BATCH_SOURCE = "config.rollout.prompts x samples / minibatches"
 RATIOS = ("token", "sequence")
 SURROGATES = ("clip", "cispo")
 KL_ESTIMATORS = ("k1", "k3")
@@ -205,8 +207,8 @@ def rl_batches(c, rcfg: RolloutConfig, tokenizer, model_cfg, advantage: str = "g
                    seed=c.data.seed, std_eps=std_eps, environment=environment, **source_args)
   if batches.sampling_width > model_cfg.max_seq_len:
     raise ValueError(f"prompts of up to {batches.prompt_width} tokens + rollout.max_new_tokens "
-                     f"{rcfg.max_new_tokens}" + (f" + rollout.turn_tokens (an environment's "
-                                                  f"last turn)" if rcfg.environment else "")
+                     f"{rcfg.max_new_tokens}" + (" + rollout.turn_tokens (an environment's "
+                                                  "last turn)" if rcfg.environment else "")
                      + f" exceed the model's max_seq_len {model_cfg.max_seq_len}")
   return batches
 
@@ -252,6 +254,7 @@ def grpo_stage(c, workdir: str):
   rows = rcfg.rows // rcfg.minibatches
   stage = Stage(
       name="grpo", cfg=cfg, run_config=run_config, batches=batches, batch_size=rows,
+      batch_source=RL_BATCH_SOURCE,
       tokens_per_batch=rows * width,
       loss_fn=grpo_loss(gcfg, rcfg.max_new_tokens, reference, rcfg.temperature),
       initial_model=lambda: policy, frozen=frozen, flops_per_token=cfg.flops_per_token(width))

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from posttrain.grpo import (GrpoConfig, check_rollout_schedule, rl_batches, rl_start, run_rl,
-                            token_losses)
+from posttrain.grpo import (RL_BATCH_SOURCE, GrpoConfig, check_rollout_schedule, rl_batches,
+                            rl_start, run_rl, token_losses)
 from posttrain.heads import ScoredModel
 from posttrain.rl import RolloutBatches, RolloutConfig
 from posttrain.start import frozen_copy
@@ -180,6 +180,7 @@ def ppo_stage(c, workdir: str):
   width, rows = batches.width, rcfg.rows // rcfg.minibatches
   model = ScoredModel(policy, seed=c.seed, init_scale=pcfg.value_init_scale)
   return Stage(name="ppo", cfg=cfg, run_config=run_config, batches=batches, batch_size=rows,
+               batch_source=RL_BATCH_SOURCE,
                tokens_per_batch=rows * width, loss_fn=ppo_loss(pcfg, rcfg.temperature),
                initial_model=lambda: model, flops_per_token=cfg.flops_per_token(width))
 

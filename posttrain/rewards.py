@@ -6,7 +6,8 @@ row). An RL stage combines several rewards with weights and logs each one separa
 (`RewardSet`). A non-finite value stays NaN: the RL stage drops that row from the update and
 counts it (reward_nonfinite), never replacing it with a made-up score. A reward that raises
 scores the whole batch NaN the same way, with a warning and a count (reward_NAME_errors); one that
-raises on `max_consecutive_errors` calls in a row stops the run with its error. One that returns
+raises in `max_consecutive_errors` rollouts in a row stops the run with its error. Rewards of
+weight 0 are logged only and never void the total. One that returns
 the wrong number of values stops the run at once (that is a bug, not a passing fault).
 """
 
@@ -87,11 +88,12 @@ class RewardSet:
 
   rewards: dict  # name -> callable.
   weights: dict  # name -> float.
-  max_consecutive_errors: int = 3  # Calls in a row a reward may raise before the run stops.
+  max_consecutive_errors: int = 3  # Rollouts in a row a reward may raise in before the run stops.
 
   def __post_init__(self):
     self.errors = {name: 0 for name in self.rewards}  # Calls that raised, since pop_errors.
-    self.streak = {name: 0 for name in self.rewards}  # Consecutive calls that raised.
+    self.streak = {name: 0 for name in self.rewards}  # Consecutive rollouts with a raise.
+    self.last_error = {name: "" for name in self.rewards}
     if not self.rewards:
       raise ValueError("RewardSet needs at least one reward")
     missing = sorted(set(self.rewards) - set(self.weights))
@@ -109,15 +111,11 @@ class RewardSet:
         values = fn(list(prompts), list(completions), **fields)
       except Exception as e:  # pylint: disable=broad-except  # Any failure of user code.
         self.errors[name] += 1
-        self.streak[name] += 1
-        if self.streak[name] >= self.max_consecutive_errors:
-          raise RuntimeError(f"reward {name!r} raised on {self.streak[name]} calls in a row; the "
-                             f"last: {type(e).__name__}: {e}") from e
-        print(f"WARNING: reward {name!r} raised {type(e).__name__}: {e}; its {n} rows score NaN "
+        self.last_error[name] = f"{type(e).__name__}: {e}"
+        print(f"WARNING: reward {name!r} raised {self.last_error[name]}; its {n} rows score NaN "
               "and are left out of this update", file=sys.stderr, flush=True)
         parts[name] = np.full((n,), np.nan)
         continue
-      self.streak[name] = 0
       try:
         values = np.asarray(list(values), np.float64)
       except (TypeError, ValueError) as e:
@@ -126,11 +124,19 @@ class RewardSet:
       if values.shape != (n,):
         raise ValueError(f"reward {name!r} returned {values.size} values for {n} completions")
       parts[name] = values
-    total = sum(self.weights[k] * v for k, v in parts.items())
+    # Only weighted rewards make the total: one that is logged only (weight 0) cannot void it.
+    total = sum((self.weights[k] * v for k, v in parts.items() if self.weights[k]), np.zeros(n))
     return total, parts
 
   def pop_errors(self) -> dict:
-    """{"reward_NAME_errors": calls of NAME that raised} since the last call, every reward."""
+    """{"reward_NAME_errors": calls of NAME that raised} since the last call, for every reward;
+    called once per rollout. A RuntimeError when a reward has raised in `max_consecutive_errors`
+    rollouts in a row (a refill of dynamic sampling is the same rollout)."""
+    for name, count in self.errors.items():
+      self.streak[name] = self.streak[name] + 1 if count else 0
+      if self.streak[name] >= self.max_consecutive_errors:
+        raise RuntimeError(f"reward {name!r} raised in {self.streak[name]} rollouts in a row; "
+                           f"the last error: {self.last_error[name]}")
     counts = {f"reward_{k}_errors": float(v) for k, v in self.errors.items()}
     self.errors = {k: 0 for k in self.errors}
     return counts

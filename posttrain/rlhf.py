@@ -35,7 +35,8 @@ def algorithm_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def rlhf(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Runs (or resumes) RLHF with the configured algorithm; this invocation's logged rows."""
-  return ALGORITHMS[c.algorithm](algorithm_config(c), workdir)
+  run_config = algorithm_config(c)  # Checks the algorithm's name first.
+  return ALGORITHMS[c.algorithm](run_config, workdir)
 
 
 if __name__ == "__main__":

@@ -112,12 +112,12 @@ def test_batches_micro_batches_and_the_mesh_must_divide():
   mesh = types.SimpleNamespace(shape=dict(data=2, fsdp=1, expert=2, tensor=1))
   check_batch_layout(8, 2, mesh)
   with pytest.raises(ValueError, match=r"config.step.microbatches 3 must be >= 1 and divide the "
-                                       r"batch of 8 rows"):
+                                       r"batch of 8 rows \(config.data.batch_size\)"):
     check_batch_layout(8, 3, mesh)
-  with pytest.raises(ValueError, match=r"micro-batch of 6 rows \(batch 6 / 1 micro-batches\) "
-                                       r"does not divide over the mesh's 4 batch shards "
-                                       r"\(data=2 x fsdp=1 x expert=2\)"):
-    check_batch_layout(6, 1, mesh)
+  with pytest.raises(ValueError, match=r"micro-batch of 6 rows \(batch 6 from config.rollout.x / "
+                                       r"1 micro-batches\) does not divide over the mesh's 4 batch "
+                                       r"shards \(data=2 x fsdp=1 x expert=2\)"):
+    check_batch_layout(6, 1, mesh, "config.rollout.x")
   from model.sharding import MeshConfig
   with pytest.raises(ValueError, match=r"does not divide 8 devices"):
     MeshConfig(data=3, fsdp=-1).ici_shape(8)

@@ -2,6 +2,7 @@
 
 import time
 
+import numpy as np
 import pytest
 
 from model.config import PRESETS, ModelConfig, YarnConfig, get_preset
@@ -59,6 +60,9 @@ def test_field_types_are_checked(changes, message):
   with pytest.raises(TypeError, match=message.replace("(", r"\(").replace(")", r"\)")):
     small_config(**changes)
   small_config(q_lora_rank=None, capacity_factor=2, rope_theta=10000)  # Ints where floats go.
+  small_config(d_model=np.int64(32), rope_theta=np.float32(1e4))  # NumPy numbers pass.
+  with pytest.raises(TypeError, match="ModelConfig.yarn must be YarnConfig, got dict"):
+    small_config(yarn={"factor": 4.0})
 
 
 def test_yarn_rules():

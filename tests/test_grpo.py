@@ -138,21 +138,34 @@ def test_reward_set_combines_and_rejects_bad_rewards():
   np.testing.assert_allclose(total, [2, -0.5, -1])
   with pytest.raises(ValueError, match="returned 1 values for 3"):
     RewardSet({"short": lambda p, c, **f: [1.0]}, {"short": 1.0})(["p"] * 3, completions)
-  # A reward that raises scores its batch NaN and is counted; three calls in a row stop the run.
-  calls = iter([True, False, True, True, True])
+  # A reward that raises scores its batch NaN and is counted per rollout (pop_errors); raising
+  # in three rollouts in a row stops the run. A reward of weight 0 is logged, never in the total.
+  calls = iter([True, False, True, True, True, True])
   flaky = lambda p, c, **f: [1 / 0] if next(calls) else [1.0] * len(c)
-  boom = RewardSet({"boom": flaky, "format": think_format}, {"boom": 1.0, "format": 1.0})
-  total, parts = boom(["p"] * 3, completions)
+  boom = RewardSet({"boom": flaky, "format": think_format, "logged": flaky},
+                   {"boom": 1.0, "format": 1.0, "logged": 0.0})
+  total, parts = boom(["p"] * 3, completions)  # boom raises, logged does not.
   assert np.isnan(total).all() and np.isnan(parts["boom"]).all()
   np.testing.assert_allclose(parts["format"], [1, 0, 0])
-  np.testing.assert_allclose(boom(["p"] * 3, completions)[0], [2, 1, 1])
-  boom(["p"] * 3, completions)
-  boom(["p"] * 3, completions)
-  assert boom.pop_errors() == {"reward_boom_errors": 3.0, "reward_format_errors": 0.0}
-  assert boom.pop_errors()["reward_boom_errors"] == 0.0
-  with pytest.raises(RuntimeError, match="reward 'boom' raised on 3 calls in a row; the last: "
-                                         "ZeroDivisionError"):
+  assert boom.pop_errors() == {"reward_boom_errors": 1.0, "reward_format_errors": 0.0,
+                               "reward_logged_errors": 0.0}
+  total, parts = boom(["p"] * 3, completions)  # boom raises, then logged raises: rollout 2.
+  assert np.isnan(parts["logged"]).all() and np.isnan(total).all()
+  boom.pop_errors()
+  calls = iter([False, True])  # Rollout 3: only the logged reward raises.
+  total, parts = boom(["p"] * 3, completions)
+  np.testing.assert_allclose(total, [2, 1, 1])  # Its NaN does not void the total.
+  boom.pop_errors()
+  calls = iter([True, False] * 4)  # boom raises in rollouts 4 (twice: a refill), 5 and 6.
+  for _ in range(2):
     boom(["p"] * 3, completions)
+  assert boom.pop_errors()["reward_boom_errors"] == 2.0
+  boom(["p"] * 3, completions)
+  boom.pop_errors()
+  boom(["p"] * 3, completions)
+  with pytest.raises(RuntimeError, match="reward 'boom' raised in 3 rollouts in a row; the last "
+                                         "error: ZeroDivisionError"):
+    boom.pop_errors()
   with pytest.raises(TypeError, match="fn\\(prompts, completions"):
     RewardSet({"bad": lambda completions: []}, {"bad": 1.0})
   with pytest.raises(ValueError, match="no weight"):

@@ -9,9 +9,12 @@ import pytest
 def test_mismatched_config_names_the_field(tmp_path):
   from train.checkpoint import check_run_config
   check_run_config(str(tmp_path), {"model": {"d_model": 128}, "seed": 0})
-  check_run_config(str(tmp_path), {"model": {"d_model": 128}, "seed": 0})
-  with pytest.raises(ValueError, match=r"trained with seed=0, this run asks for seed=1"):
-    check_run_config(str(tmp_path), {"model": {"d_model": 128}, "seed": 1})
+  check_run_config(str(tmp_path), {"model": {"d_model": 128}, "seed": 1})  # No work yet: replaced.
+  assert json.loads((tmp_path / "run_config.json").read_text())["seed"] == 1
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # Work to protect.
+  check_run_config(str(tmp_path), {"model": {"d_model": 128}, "seed": 1})
+  with pytest.raises(ValueError, match=r"trained with seed=1, this run asks for seed=2"):
+    check_run_config(str(tmp_path), {"model": {"d_model": 128}, "seed": 2})
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ harness's grpo and ppo stages, tests/test_kill_harness.py)."""
 import pytest
 
 from configs.rlhf import get_config
-from posttrain.rlhf import algorithm_config
+from posttrain.rlhf import algorithm_config, rlhf
 
 
 def test_the_algorithm_picks_its_config_blocks():
@@ -24,7 +24,7 @@ def test_the_algorithm_picks_its_config_blocks():
   c.algorithm = "reinforce"
   with pytest.raises(ValueError, match=r"config.algorithm must be one of \['grpo', 'ppo'\], got "
                                        r"'reinforce'"):
-    algorithm_config(c)
+    rlhf(c, "unused")
   c.algorithm, c.lora.rank = "ppo", 8
   with pytest.raises(ValueError, match="LoRA is for --config.algorithm=grpo"):
     algorithm_config(c)

@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
@@ -51,23 +52,30 @@ class Checkpointer:
 
   def restore_latest(self, abstract_state: TrainState):
     """(step, state, data iterator state) of the newest checkpoint that restores, or None when
-    there is none. Newer ones that do not (a truncated or missing file, another model's) are
-    moved aside to DIR/checkpoints/STEP.unreadable-TIME with a warning, so that the run can write
-    those steps again. When none restores, a ValueError names each step and its error, and
-    nothing is moved: the run never starts over silently."""
+    there is none. A newer one that fails twice (a truncated or missing file, another model's) on
+    any process is moved aside to DIR/checkpoints/STEP.unreadable-NS with a warning, so that the
+    run can write that step again. When none restores, a ValueError names each step and its
+    error, and nothing is moved: the run never starts over silently."""
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        state, data = self.restore(step, abstract_state)
-      except Exception as e:  # pylint: disable=broad-except  # Any failure to read the files.
-        failures.append((step, f"{type(e).__name__}: {str(e)[:300]}"))
+      error = None
+      for _ in range(2):  # Once more: a passing read error must not cost a good checkpoint.
+        try:
+          state, data = self.restore(step, abstract_state)
+          error = None
+          break
+        except Exception as e:  # pylint: disable=broad-except  # Any failure to read the files.
+          error = f"{type(e).__name__}: {str(e)[:300]}"
+      if _failed_anywhere(error is not None):
+        failures.append((step, error or "it failed on another process"))
         print(f"WARNING: {self.directory}/{step} cannot be restored ({failures[-1][1]})",
               file=sys.stderr, flush=True)
         continue
-      for bad, _ in failures:
-        if self.first_process:
-          self._move_aside(bad)
       if failures:
+        if self.first_process:
+          for bad, _ in failures:
+            self._move_aside(bad)
+        _sync("checkpoints_moved_aside")  # Every process lists the steps after the renames.
         self.manager.reload()
       return step, state, data
     if failures:
@@ -79,16 +87,30 @@ class Checkpointer:
   def _move_aside(self, step: int) -> None:
     """Renames an unreadable step directory so that the run can write that step again."""
     source = os.path.join(self.directory, str(step))
-    target = f"{source}.unreadable-{int(time.time())}"
+    target = f"{source}.unreadable-{time.time_ns()}"
     os.rename(source, target)
-    print(f"WARNING: moved it to {target}; resuming from an earlier checkpoint",
-          file=sys.stderr, flush=True)
+    print(f"WARNING: moved it to {target} (kept for inspection; delete it when done); resuming "
+          "from an earlier checkpoint", file=sys.stderr, flush=True)
 
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
     self.manager.close()
+
+
+def _failed_anywhere(failed: bool) -> bool:
+  """Whether `failed` holds on any process (each reads its own shards of a checkpoint)."""
+  if jax.process_count() == 1:
+    return failed
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.process_allgather(np.int32(failed)).max())
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def write_atomically(path: str, data) -> None:
@@ -102,9 +124,11 @@ def write_atomically(path: str, data) -> None:
 
 
 def check_run_config(workdir: str, run_config: dict) -> None:
-  """Writes DIR/run_config.json on the first run; later runs must match it field by field."""
+  """Writes DIR/run_config.json on the first run; later runs must match it field by field. Until
+  the workdir holds any trained work (a checkpoint or a metrics row), a run with another config
+  replaces the file: a run refused for a bad input leaves nothing that locks its fix out."""
   path = os.path.join(workdir, "run_config.json")
-  if not os.path.exists(path):
+  if not os.path.exists(path) or not _holds_work(workdir):
     os.makedirs(workdir, exist_ok=True)
     write_atomically(path, json.dumps(run_config, indent=2, sort_keys=True))
     return
@@ -115,6 +139,15 @@ def check_run_config(workdir: str, run_config: dict) -> None:
       raise ValueError(f"{path}: the checkpoint was trained with {key}={saved.get(key)!r}, this run "
                        f"asks for {key}={run_config.get(key)!r}; use a new --workdir or the same "
                        "config")
+
+
+def _holds_work(workdir: str) -> bool:
+  """Whether DIR has a checkpoint step (complete or not) or a non-empty metrics.jsonl."""
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(checkpoints) and any(name[:1].isdigit() for name in os.listdir(checkpoints)):
+    return True
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  return os.path.exists(metrics) and os.path.getsize(metrics) > 0
 
 
 def workdir_model_config(workdir: str) -> ModelConfig:

@@ -49,6 +49,7 @@ class Stage:
   eval_batches: Optional[Callable[[], Iterable[dict]]] = None  # Held-out batches, for eval_loss.
   flops_per_token: float = 0.0
   perplexity: bool = True  # Whether eval_loss is a token cross-entropy (then eval_perplexity too).
+  batch_source: str = "config.data.batch_size"  # The fields batch_size comes from (for errors).
 
 
 def config_differences(saved: ModelConfig, wanted: ModelConfig, ignore=EXECUTION_FIELDS) -> list:
@@ -149,7 +150,7 @@ def run(stage: Stage, c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   step_cfg = StepConfig(**dict(c.step))
   tx = opt.make_optimizer(opt_cfg)
   mesh = make_mesh(MeshConfig(**dict(c.mesh)))
-  check_batch_layout(stage.batch_size, step_cfg.microbatches, mesh)
+  check_batch_layout(stage.batch_size, step_cfg.microbatches, mesh, stage.batch_source)
   if stage.initial_model is not None:  # Loaded on the host, then laid out on the mesh.
     model = stage.initial_model()
     trained = stage.trainable(model) if stage.trainable is not None else None

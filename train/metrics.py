@@ -73,9 +73,8 @@ class MetricsWriter:
     kept = [line for line, row in rows if row["step"] <= step]
     if len(kept) == len(rows) and _ends_whole(self.path):
       return
-    with open(self.path + ".tmp", "w") as f:
-      f.write("".join(line + "\n" for line in kept))
-    os.replace(self.path + ".tmp", self.path)
+    from train.checkpoint import write_atomically
+    write_atomically(self.path, "".join(line + "\n" for line in kept))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:

@@ -87,19 +87,22 @@ def batch_sharding(mesh: Mesh, global_batch: int) -> NamedSharding:
   return NamedSharding(mesh, sharding.batch_spec(1, mesh, global_batch))
 
 
-def check_batch_layout(batch_size: int, microbatches: int, mesh: Mesh) -> None:
+def check_batch_layout(batch_size: int, microbatches: int, mesh: Mesh,
+                       source: str = "config.data.batch_size") -> None:
   """ValueError unless `microbatches` divides the global batch and each micro-batch divides over
-  the axes that split the batch (data x fsdp x expert); otherwise rows would be replicated."""
+  the axes that split the batch (data x fsdp x expert); otherwise rows would be replicated.
+  `source`: the config fields the batch size comes from, for the message."""
   if microbatches < 1 or batch_size % microbatches:
     raise ValueError(f"config.step.microbatches {microbatches} must be >= 1 and divide the batch "
-                     f"of {batch_size} rows")
+                     f"of {batch_size} rows ({source})")
   axes = {a: mesh.shape[a] for a in ("data", "fsdp", "expert")}
   shards = int(np.prod(list(axes.values())))
   if (batch_size // microbatches) % shards:
-    raise ValueError(f"a micro-batch of {batch_size // microbatches} rows (batch {batch_size} / "
-                     f"{microbatches} micro-batches) does not divide over the mesh's {shards} batch "
-                     f"shards ({' x '.join(f'{a}={n}' for a, n in axes.items())}): make it a "
-                     f"multiple of {shards}, or change config.mesh")
+    raise ValueError(f"a micro-batch of {batch_size // microbatches} rows (batch {batch_size} "
+                     f"from {source} / {microbatches} micro-batches) does not divide over the "
+                     f"mesh's {shards} batch shards "
+                     f"({' x '.join(f'{a}={n}' for a, n in axes.items())}): make it a multiple "
+                     f"of {shards}, or change config.mesh")
 
 
 def put_batch(batch: dict, mesh: Mesh, global_batch: int) -> dict:
