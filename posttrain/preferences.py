@@ -96,10 +96,10 @@ def read_preferences(path: str) -> list[Preference]:
 
 
 def write_preferences(path: str, pairs: Sequence[Preference]) -> None:
-  """Writes pairs as JSONL records that `read_preferences` reads back."""
-  with open(path, "w", encoding="utf-8") as f:
-    for p in pairs:
-      f.write(json.dumps(p.to_record()) + "\n")
+  """Writes pairs as JSONL records that `read_preferences` reads back (all at once: a killed
+  labelling run leaves no half file)."""
+  from train.checkpoint import write_atomically
+  write_atomically(path, "".join(json.dumps(p.to_record()) + "\n" for p in pairs))
 
 
 # --- built-in pairs from the task suite -----------------------------------------------------------

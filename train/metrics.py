@@ -48,6 +48,21 @@ def peak_flops(override: float = 0.0) -> tuple[float, str]:
   return measured_matmul_flops() * jax.device_count(), "measured_matmul"
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch (about
+  1.5 s at every start-up where it is installed) only to recognise torch tensors, which we never
+  log. A torch imported already is used as it is."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # Makes `import torch` raise ImportError, which it handles.
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricsWriter:
   """Appends JSON lines to DIR/metrics.jsonl and prints a progress line with the ETA."""
 
@@ -61,8 +76,7 @@ class MetricsWriter:
     self.tb = None
     if enabled:
       self._keep_rows_through(resume_step)
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self.tb = _summary_writer()(os.path.join(workdir, "tb"))
 
   def _keep_rows_through(self, step: int) -> None:
     """Rewrites metrics.jsonl (atomically) with only its rows of steps <= `step`; a last line cut
