@@ -273,7 +273,8 @@ def configured_pairs(d, split: str) -> list[Preference]:
 
 def pair_data(d, tokenizer, split: str, shard=(0, 1), extra: dict | None = None):
   """PairBatches of the configured train (shuffled) or held-out (in order) pairs; None when
-  there are no held-out pairs (no training pairs: a ValueError). Prints the truncation counts of the train split."""
+  there are no held-out pairs (no training pairs: a ValueError). Prints the truncation counts of
+  the train split."""
   pairs = configured_pairs(d, split)
   if not pairs and split == "train":
     raise ValueError(f"config.data: no training pairs (source {d.source!r}, builtin_pairs "

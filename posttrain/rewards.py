@@ -7,8 +7,8 @@ row). An RL stage combines several rewards with weights and logs each one separa
 counts it (reward_nonfinite), never replacing it with a made-up score. A reward that raises
 scores the whole batch NaN the same way, with a warning and a count (reward_NAME_errors); one that
 raises in `max_consecutive_errors` rollouts in a row stops the run with its error. Rewards of
-weight 0 are logged only and never void the total. One that returns
-the wrong number of values stops the run at once (that is a bug, not a passing fault).
+weight 0 are logged only and never void the total. One that returns the wrong number of values
+stops the run at once (that is a bug, not a passing fault).
 """
 
 from __future__ import annotations

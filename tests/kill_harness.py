@@ -298,16 +298,19 @@ def round_of_kills(stage: str, workdir: str, env: dict, points: list, rng, secon
                   float(rng.uniform(0, 0.05)))
     kill, output = kill_once(cmd, env, workdir, kill)
     if kills:
-      resumed = RESUMED.search(output)
-      kills[-1].resumed_from = int(resumed.group(1)) if resumed else None
+      kills[-1].resumed_from = _resumed_from(output)
     kills.append(kill)
     if not kill.killed:
       break
   if kills[-1].killed:
-    output = run_to_end(cmd, env)
-    resumed = RESUMED.search(output)
-    kills[-1].resumed_from = int(resumed.group(1)) if resumed else None
+    kills[-1].resumed_from = _resumed_from(run_to_end(cmd, env))
   return kills
+
+
+def _resumed_from(output: str) -> int | None:
+  """The step a run's output says it resumed from; None for a fresh start."""
+  resumed = RESUMED.search(output)
+  return int(resumed.group(1)) if resumed else None
 
 
 def check_round(kills: list, reference: str, workdir: str) -> list:

@@ -117,15 +117,16 @@ def pretrain_stage(c: ml_collections.ConfigDict, workdir: str) -> Stage:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but "
                      f"config.model_overrides.vocab_size is {cfg.vocab_size}")
   shard = (jax.process_index(), jax.process_count())
-  if c.eval_every:  # An empty held-out split fails now, not at the first evaluation.
-    make_dataset(data_cfg, tokenizer, "eval", *shard)
+  # Built once (each evaluation iterates it from its start); an empty held-out split fails now,
+  # not at the first evaluation.
+  held_out = make_dataset(data_cfg, tokenizer, "eval", *shard) if c.eval_every else None
   check_run_config(workdir, dict(run_config, **loop_fields(c)))  # Written once the inputs pass.
   return Stage(
       name="pretrain", cfg=cfg, run_config=run_config,
       batches=iter(make_dataset(data_cfg, tokenizer, "train", *shard)),
       batch_size=data_cfg.batch_size, tokens_per_batch=data_cfg.batch_size * data_cfg.seq_len,
       initial_model=(lambda: _initial_model(c, cfg)) if c.init_from else None,
-      eval_batches=lambda: make_dataset(data_cfg, tokenizer, "eval", *shard),
+      eval_batches=(lambda: held_out) if held_out is not None else None,
       flops_per_token=cfg.flops_per_token(data_cfg.seq_len))
 
 
