@@ -31,6 +31,8 @@ _BATCHES = flags.DEFINE_list("batches", ["1", "32"], "Batch sizes.")
 _CONTEXTS = flags.DEFINE_list("contexts", ["128", "2048"], "Prompt lengths.")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "Tokens decoded per row.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time transformers' generate.")
+_ATTENTION = flags.DEFINE_string("attention_impl", "auto",
+                                  "ModelConfig.attention_impl (prefill): auto, xla, chunked.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per path (the fastest is reported).")
 
 
@@ -86,7 +88,7 @@ def main(argv):
         flush=True)
   contexts = [int(c) for c in _CONTEXTS.value]
   cfg, _ = bench_config(_SHAPE.value)
-  cfg = cfg.replace(max_seq_len=max(contexts) + _NEW.value)
+  cfg = cfg.replace(max_seq_len=max(contexts) + _NEW.value, attention_impl=_ATTENTION.value)
   model = init_model(cfg, seed=0)
   model_dir = tempfile.mkdtemp()
   if _TORCH.value:
@@ -98,7 +100,8 @@ def main(argv):
       for kind in ("latent", "expanded"):
         prefill_s, decode_s, outputs[kind] = time_ours(model, prompts, _NEW.value, kind)
         rates[kind] = b * _NEW.value / decode_s
-        print(json.dumps(dict(kind="decode", shape=_SHAPE.value, impl=kind, batch=b, context=t,
+        print(json.dumps(dict(kind="decode", shape=_SHAPE.value, impl=kind,
+                              attention_impl=_ATTENTION.value, batch=b, context=t,
                               new_tokens=_NEW.value, prefill_seconds=prefill_s,
                               decode_seconds=decode_s, decode_tokens_per_sec=rates[kind],
                               cache_bytes=cache_bytes_per_token(cfg, kind) * b * (t + _NEW.value))),

@@ -45,9 +45,23 @@ def reference_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale: float, ca
   t, s = q_BTNH.shape[1], k_BSNH.shape[1]
   if segment_ids_BT is None:
     segment_ids_BT = jnp.ones((q_BTNH.shape[0], max(t, s)), jnp.int32)
-  mask_BTS = segment_ids_BT[:, :t, None] == segment_ids_BT[:, None, :s]
+  mask_BTS = visible_keys(segment_ids_BT[:, :t], segment_ids_BT[:, :s], 0, causal)
+  return masked_attention(q_BTNH, k_BSNH, v_BSNV, mask_BTS, scale)
+
+
+def visible_keys(q_segments_BT, k_segments_BS, q_start: int, causal: bool):
+  """[B, T, S] True where query `q_start + t` may attend key s: same segment and, when causal,
+  s <= q_start + t."""
+  mask_BTS = q_segments_BT[:, :, None] == k_segments_BS[:, None, :]
   if causal:
-    mask_BTS = mask_BTS & jnp.tril(jnp.ones((t, s), bool))[None]
+    t, s = q_segments_BT.shape[1], k_segments_BS.shape[1]
+    mask_BTS = mask_BTS & (jnp.arange(q_start, q_start + t)[:, None] >= jnp.arange(s)[None])[None]
+  return mask_BTS
+
+
+def masked_attention(q_BTNH, k_BSNH, v_BSNV, mask_BTS, scale: float):
+  """softmax(q k^T * scale) v over the keys `mask` [B, T, S] lets each query see, in float32; a
+  query that sees no key gets zeros."""
   logits_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH,
                            preferred_element_type=jnp.float32) * scale
   logits_BNTS = jnp.where(mask_BTS[:, None], logits_BNTS, MASK_VALUE)

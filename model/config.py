@@ -94,7 +94,7 @@ class ModelConfig:
   dtype: str = "float32"  # Compute dtype; parameters are always float32.
   remat_policy: str = "none"  # Per-block rematerialisation: none, full, or dots_saveable.
   # Kernels: "auto" takes the Pallas kernel on accelerators and the XLA reference elsewhere.
-  attention_impl: str = "auto"  # kernels.attention: auto, xla, pallas (flash), cudnn (GPU).
+  attention_impl: str = "auto"  # kernels.attention: auto, xla, chunked, pallas (flash), cudnn.
   moe_impl: str = "auto"  # kernels.grouped_matmul (dropless MoE): auto, xla, pallas, ragged, blocked.
   # Expert-parallel token exchange (model/expert_parallel.py): auto (ragged on TPU/GPU), all_to_all
   # (fixed buffers), ragged (ragged_all_to_all; emulated on CPU).

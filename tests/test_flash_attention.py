@@ -1,5 +1,5 @@
-"""Flash attention (Pallas, interpret mode on CPU) against the pure-JAX reference, forward and
-gradients: odd sizes (T not a multiple of the block, qk head 12 != value head 6), several segments
+"""Flash attention (Pallas, interpret mode on CPU) and the chunked attention against the pure-JAX
+reference, forward and gradients: odd sizes (T not a multiple of the block, qk head 12 != value head 6), several segments
 per row, causal on and off, queries that see no key.
 
 Tolerances (float32): outputs atol 2e-5, gradients atol 1e-4 (both rtol 1e-5).
@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.attention import attention, nn_attention
+from kernels.attention import CHUNKED_FROM, attention, nn_attention, resolve_impl
+from kernels.chunked_attention import chunked_attention, default_block
 from kernels.flash_attention import flash_attention, reference_attention
 from model.transformer import forward, init_model
 from tests.conftest import small_config
@@ -51,6 +52,28 @@ def test_matches_reference_with_segments(causal, schedule):
   _assert_parity(_out_and_grads(kernel, q, k, vv, cot), _out_and_grads(reference, q, k, vv, cot))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("t,s,block", [(37, 37, 16), (37, 37, 64), (20, 12, 8), (12, 20, 5)])
+def test_chunked_matches_reference(t, s, block, causal):
+  """Blocks of queries against the keys they can see: ragged last blocks, more queries than keys
+  (the later blocks see every key) and more keys than queries (the later keys are never seen)."""
+  q, k, vv, cot = _inputs(2, t, s, 2, 12, 6, seed=4)
+  cuts = np.sort(np.random.default_rng(t + s).choice(np.arange(1, max(t, s)), 3, replace=False))
+  seg = jnp.asarray(np.searchsorted(cuts, np.arange(max(t, s)), side="right")[None].repeat(2, 0)
+                    + np.array([[0], [5]]))
+  chunked = lambda q, k, v: chunked_attention(q, k, v, seg, 0.37, causal, block)
+  reference = lambda q, k, v: reference_attention(q, k, v, seg, 0.37, causal)
+  got = _out_and_grads(chunked, q, k, vv, cot)
+  assert np.any(np.asarray(got[0]) != 0)
+  _assert_parity(got, _out_and_grads(reference, q, k, vv, cot))
+
+
+def test_chunked_default_block_and_auto_threshold():
+  assert [default_block(t) for t in (8, 128, 256, 512, 2048, 8192)] == [32, 32, 32, 64, 256, 256]
+  assert resolve_impl("auto", CHUNKED_FROM - 1) == "xla"  # CPU: dense below the threshold.
+  assert resolve_impl("auto", CHUNKED_FROM) == "chunked"
+
+
 def test_queries_without_visible_keys_get_zeros():
   # 20 queries over 12 keys: queries 12.. are in a segment no key has, so every key is masked.
   # The grid schedule (TPU's) here; the loop schedule in the tests above and below.
@@ -70,6 +93,7 @@ def test_switch_paths_agree():
   seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2]])
   want = reference_attention(q, k, v, seg, 0.3, True)
   np.testing.assert_allclose(attention(q, k, v, seg, 0.3, impl="auto"), want, atol=1e-6)
+  np.testing.assert_allclose(attention(q, k, v, seg, 0.3, impl="chunked"), want, atol=1e-6)
   np.testing.assert_allclose(attention(q, k, v, seg, 0.3, impl="pallas"), want, atol=2e-5)
   # The cuDNN wrapper's padding and mask, run through jax.nn's XLA implementation.
   np.testing.assert_allclose(nn_attention(q, k, v, seg, 0.3, implementation="xla"), want,
@@ -91,11 +115,14 @@ def test_bad_arguments():
 
 
 def test_model_through_the_kernels_matches_xla():
-  """ModelConfig.attention_impl / moe_impl reach the layers: Pallas (interpreted) == XLA logits."""
-  tokens = jax.random.randint(jax.random.key(3), (1, 12), 0, 61)
-  segments = jnp.array([[1] * 5 + [2] * 7])
+  """ModelConfig.attention_impl / moe_impl reach the layers: Pallas (interpreted) and chunked
+  (two blocks of 32 queries) == XLA logits."""
+  tokens = jax.random.randint(jax.random.key(3), (1, 40), 0, 61)
+  segments = jnp.array([[1] * 5 + [2] * 30 + [3] * 5])
   logits = {}
-  for impl in ("xla", "pallas"):
-    cfg = small_config(num_layers=2, mtp_depth=0, attention_impl=impl, moe_impl=impl)
+  for impl in ("xla", "chunked", "pallas"):
+    cfg = small_config(num_layers=2, mtp_depth=0, attention_impl=impl,
+                       moe_impl="xla" if impl == "chunked" else impl)
     logits[impl] = forward(init_model(cfg, seed=0), tokens, None, segments).logits
   np.testing.assert_allclose(logits["pallas"], logits["xla"], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(logits["chunked"], logits["xla"], atol=1e-5, rtol=1e-5)
