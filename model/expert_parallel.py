@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kernels.backend import on_accelerator
-from kernels.grouped_matmul import grouped_matmul
+from model.moe_dispatch import combine, grouped_swiglu, sort_assignments, unsort
 from model.sharding import logical_to_spec, spec_axes
 
 
@@ -33,43 +33,32 @@ def dispatch_slots(tokens: int, k: int, ep: int, capacity_factor: Optional[float
 
 
 def _expert_ffn(rows_MD, local_expert_M, e_local, w_gate_EDF, w_up_EDF, w_down_EFD, impl):
-  """SwiGLU of each row with its local expert; rows with expert -1 are padding (output 0)."""
-  key_M = jnp.where(local_expert_M >= 0, local_expert_M, e_local)  # Padding sorts last.
-  order = jnp.argsort(key_M, stable=True)
-  # Padding rows sort last and belong to no group: the grouped matmul gives them 0 at no cost.
-  sizes_E = jnp.zeros((e_local,), jnp.int32).at[key_M].add(1, mode="drop")
-  rows = rows_MD[order]
-  h = (jax.nn.silu(grouped_matmul(rows, w_gate_EDF, sizes_E, impl))
-       * grouped_matmul(rows, w_up_EDF, sizes_E, impl))
-  out = grouped_matmul(h, w_down_EFD, sizes_E, impl)
-  return jnp.zeros_like(out).at[order].set(out)
+  """SwiGLU of each received row with its local expert; rows with expert -1 are padding: they
+  belong to no group, sort last and cost nothing (output 0)."""
+  key_M1 = jnp.where(local_expert_M >= 0, local_expert_M, e_local)[:, None]
+  d = sort_assignments(key_M1, e_local)
+  out = grouped_swiglu(rows_MD[d.token], d.sizes, w_gate_EDF, w_up_EDF, w_down_EFD, impl)
+  return unsort(out, d)[:, 0]
 
 
 def _all_to_all_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *,
                     axis: str, ep: int, slots: int, impl: str):
   """Per-device body: pack by destination, all_to_all, local experts, all_to_all back, combine."""
-  t, k = experts_TK.shape
   e_local = w_gate_EDF.shape[0]
-  order = jnp.argsort(experts_TK.reshape(-1), stable=True)
-  expert_sorted = experts_TK.reshape(-1)[order]
-  dest_sorted = expert_sorted // e_local  # Experts are laid out contiguously per device.
-  per_dest = jnp.zeros((ep,), jnp.int32).at[dest_sorted].add(1)
-  rank_sorted = jnp.arange(t * k) - (jnp.cumsum(per_dest) - per_dest)[dest_sorted]
-  kept = rank_sorted < slots
-  slot_sorted = jnp.where(kept, rank_sorted, slots)  # Out of bounds: dropped by the scatter.
-  send_XCD = jnp.zeros((ep, slots, x_TD.shape[-1]), x_TD.dtype).at[dest_sorted, slot_sorted].set(
-      x_TD[order // k], mode="drop")
-  send_XC = jnp.full((ep, slots), -1, jnp.int32).at[dest_sorted, slot_sorted].set(
-      expert_sorted % e_local, mode="drop")
+  d = sort_assignments(experts_TK, ep, e_local)  # Experts lie contiguously per device.
+  slot, kept = d.slots(slots)
+  send_XCD = jnp.zeros((ep, slots, x_TD.shape[-1]), x_TD.dtype).at[d.group, slot].set(
+      x_TD[d.token], mode="drop")
+  send_XC = jnp.full((ep, slots), -1, jnp.int32).at[d.group, slot].set(
+      d.expert % e_local, mode="drop")
   recv_XCD = jax.lax.all_to_all(send_XCD, axis, 0, 0)
   recv_XC = jax.lax.all_to_all(send_XC, axis, 0, 0)
   out_MD = _expert_ffn(recv_XCD.reshape(ep * slots, -1), recv_XC.reshape(-1), e_local,
                        w_gate_EDF, w_up_EDF, w_down_EFD, impl)
   back_XCD = jax.lax.all_to_all(out_MD.reshape(recv_XCD.shape), axis, 0, 0)
-  y_sorted = back_XCD.at[dest_sorted, slot_sorted].get(mode="fill", fill_value=0)
-  y_TKD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
-  y_TD = jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), weights_TK)
-  return y_TD.astype(x_TD.dtype), (t * k - kept.sum()).astype(jnp.int32)
+  y_sorted = back_XCD.at[d.group, slot].get(mode="fill", fill_value=0)
+  dropped = (kept.size - kept.sum()).astype(jnp.int32)
+  return combine(y_sorted, d, weights_TK, x_TD.dtype), dropped
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
@@ -94,27 +83,23 @@ def _ragged_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, 
   packed after the other sources' rows in a `rows`-row buffer; what does not fit is dropped."""
   t, k = experts_TK.shape
   e_local = w_gate_EDF.shape[0]
-  order = jnp.argsort(experts_TK.reshape(-1), stable=True)
-  expert_sorted = experts_TK.reshape(-1)[order]
-  dest_sorted = expert_sorted // e_local
-  sizes_X = jnp.zeros((ep,), jnp.int32).at[dest_sorted].add(1)
-  counts_XX = jax.lax.all_gather(sizes_X, axis)  # [source, destination] assignments.
+  d = sort_assignments(experts_TK, ep, e_local)
+  counts_XX = jax.lax.all_gather(d.sizes, axis)  # [source, destination] assignments.
   me = jax.lax.axis_index(axis)
   sent_from_XX = jnp.cumsum(counts_XX, 1) - counts_XX  # Sources' offsets in their sorted rows.
   placed_at_XX = jnp.cumsum(counts_XX, 0) - counts_XX  # Offsets in the destinations' buffers.
   kept_XX = jnp.clip(rows - placed_at_XX, 0, counts_XX)  # The first rows of a chunk that fit.
   send, recv = kept_XX[me], kept_XX[:, me]
   there = (sent_from_XX[me], send, placed_at_XX[me], recv)
-  recv_RD = collective(x_TD[order // k], jnp.zeros((rows, x_TD.shape[-1]), x_TD.dtype), *there,
+  recv_RD = collective(x_TD[d.token], jnp.zeros((rows, x_TD.shape[-1]), x_TD.dtype), *there,
                        axis_name=axis)
-  recv_R = collective((expert_sorted % e_local).astype(jnp.int32), jnp.full((rows,), -1, jnp.int32),
+  recv_R = collective((d.expert % e_local).astype(jnp.int32), jnp.full((rows,), -1, jnp.int32),
                       *there, axis_name=axis)
   out_RD = _expert_ffn(recv_RD, recv_R, e_local, w_gate_EDF, w_up_EDF, w_down_EFD, impl)
   y_sorted = collective(out_RD, jnp.zeros((t * k, x_TD.shape[-1]), out_RD.dtype),
                         placed_at_XX[:, me], recv, sent_from_XX[:, me], send, axis_name=axis)
-  y_TKD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
-  y_TD = jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), weights_TK)
-  return y_TD.astype(x_TD.dtype), (t * k - send.sum()).astype(jnp.int32)
+  dropped = (t * k - send.sum()).astype(jnp.int32)
+  return combine(y_sorted, d, weights_TK, x_TD.dtype), dropped
 
 
 DISPATCHES = ("auto", "all_to_all", "ragged")

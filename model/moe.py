@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels.grouped_matmul import grouped_matmul
 from model import routing, sharding
 from model.config import ModelConfig
 from model.expert_parallel import sharded_moe_ffn
 from model.layers import MLP, compute_dtype, normal_init
+from model.moe_dispatch import combine, grouped_swiglu, sort_assignments
 
 
 class RouterBias(nnx.Variable):
@@ -41,28 +41,13 @@ class Router(nnx.Module):
     return jnp.einsum("TD,DE->TE", x_TD.astype(jnp.float32), self.w[...])
 
 
-def sort_by_expert(experts_TK: jax.Array, num_experts: int):
-  """Orders the flattened (token, slot) assignments by expert (stably).
-
-  Returns (order [T*K]: position in the flattened assignments of each sorted row, group sizes [E]).
-  """
-  order = jnp.argsort(experts_TK.reshape(-1), stable=True)
-  return order, routing.tokens_per_expert(experts_TK, num_experts)
-
-
 def dropless_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
                  impl: str = "auto"):
-  """Every assignment computed: tokens sorted by expert and multiplied with a grouped matmul
-  (`impl`: the kernels.grouped_matmul implementation)."""
-  t, k = experts_TK.shape
-  order, sizes_E = sort_by_expert(experts_TK, w_gate_EDF.shape[0])
-  x_sorted = x_TD[order // k]
-  h = (jax.nn.silu(grouped_matmul(x_sorted, w_gate_EDF, sizes_E, impl))
-       * grouped_matmul(x_sorted, w_up_EDF, sizes_E, impl))
-  y_sorted = grouped_matmul(h, w_down_EFD, sizes_E, impl)
-  y_TKD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
-  y_TD = jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), weights_TK)
-  return y_TD.astype(x_TD.dtype), jnp.zeros((), jnp.int32)
+  """Every assignment computed: rows sorted by expert through a grouped matmul (`impl`: the
+  kernels.grouped_matmul implementation)."""
+  d = sort_assignments(experts_TK, w_gate_EDF.shape[0])
+  y_sorted = grouped_swiglu(x_TD[d.token], d.sizes, w_gate_EDF, w_up_EDF, w_down_EFD, impl)
+  return combine(y_sorted, d, weights_TK, x_TD.dtype), jnp.zeros((), jnp.int32)
 
 
 def capacity(num_tokens: int, cfg: ModelConfig) -> int:
@@ -72,23 +57,17 @@ def capacity(num_tokens: int, cfg: ModelConfig) -> int:
 
 def capacity_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, slots: int):
   """Fixed [E, C, D] buffers: each expert takes its first C assignments; the rest are dropped."""
-  t, k = experts_TK.shape
   e = w_gate_EDF.shape[0]
-  order, sizes_E = sort_by_expert(experts_TK, e)
-  expert_sorted = experts_TK.reshape(-1)[order]
-  starts_E = jnp.cumsum(sizes_E) - sizes_E
-  rank_sorted = jnp.arange(t * k) - starts_E[expert_sorted]
-  kept_sorted = rank_sorted < slots
-  slot_sorted = jnp.where(kept_sorted, rank_sorted, slots)  # Index `slots` is out of bounds: dropped.
+  d = sort_assignments(experts_TK, e)
+  slot, kept = d.slots(slots)
   buf_ECD = jnp.zeros((e, slots, x_TD.shape[-1]), x_TD.dtype)
-  buf_ECD = buf_ECD.at[expert_sorted, slot_sorted].set(x_TD[order // k], mode="drop")
+  buf_ECD = buf_ECD.at[d.expert, slot].set(x_TD[d.token], mode="drop")
   h = (jax.nn.silu(jnp.einsum("ECD,EDF->ECF", buf_ECD, w_gate_EDF))
        * jnp.einsum("ECD,EDF->ECF", buf_ECD, w_up_EDF))
   out_ECD = jnp.einsum("ECF,EFD->ECD", h, w_down_EFD)
-  y_sorted = out_ECD.at[expert_sorted, slot_sorted].get(mode="fill", fill_value=0)
-  y_TKD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
-  y_TD = jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), weights_TK)
-  return y_TD.astype(x_TD.dtype), (t * k - kept_sorted.sum()).astype(jnp.int32)
+  y_sorted = out_ECD.at[d.expert, slot].get(mode="fill", fill_value=0)
+  dropped = (kept.size - kept.sum()).astype(jnp.int32)
+  return combine(y_sorted, d, weights_TK, x_TD.dtype), dropped
 
 
 class MoE(nnx.Module):

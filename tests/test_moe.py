@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import moe, routing
+from model import moe, moe_dispatch, routing
 from tests.conftest import small_config
 
 
@@ -99,3 +99,31 @@ def test_moe_layer_equals_reference(capacity_factor):
   assert int(stats.dropped) == int(ref_dropped)
   assert int(stats.tokens_per_expert.sum()) == 20 * cfg.experts_per_token
   np.testing.assert_array_equal(stats.tokens_per_expert, routing.tokens_per_expert(experts, 8))
+
+
+def test_sort_assignments_by_expert_and_by_device():
+  """The one dispatch: stable order, group sizes, ranks and capacity slots, by hand."""
+  experts_TK = jnp.array([[3, 0], [1, 3], [0, 2]])  # Flattened: 3 0 1 3 0 2.
+  d = moe_dispatch.sort_assignments(experts_TK, 4)
+  np.testing.assert_array_equal(d.order, [1, 4, 2, 5, 0, 3])
+  np.testing.assert_array_equal(d.token, [0, 2, 1, 2, 0, 1])
+  np.testing.assert_array_equal(d.sizes, [2, 1, 1, 2])
+  np.testing.assert_array_equal(d.rank, [0, 1, 0, 0, 0, 1])
+  slot, kept = d.slots(1)  # One slot per expert: the second of experts 0 and 3 is dropped.
+  np.testing.assert_array_equal(slot, [0, 1, 0, 0, 0, 1])
+  np.testing.assert_array_equal(kept, [True, False, True, True, True, False])
+  # Two devices holding experts {0, 1} and {2, 3}: groups are devices.
+  by_device = moe_dispatch.sort_assignments(experts_TK, 2, experts_per_group=2)
+  np.testing.assert_array_equal(by_device.group, [0, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(by_device.sizes, [3, 3])
+  np.testing.assert_array_equal(by_device.rank, [0, 1, 2, 0, 1, 2])
+  # An expert past the last group (padding) sorts last and is counted nowhere.
+  padded = moe_dispatch.sort_assignments(jnp.array([[2], [0], [1], [2]]), 2)
+  np.testing.assert_array_equal(padded.sizes, [1, 1])
+  np.testing.assert_array_equal(padded.order[:2], [1, 2])
+  # Back in assignment order, weighted: token t gets sum_k w[t, k] * row(t, k).
+  rows = jnp.arange(6.0)[:, None] * jnp.ones((1, 2))
+  weights = jnp.array([[1.0, 10.0], [100.0, 0.0], [0.5, 2.0]])
+  y = moe_dispatch.combine(rows, d, weights, jnp.float32)
+  want = [[4 * 1 + 0 * 10], [2 * 100 + 5 * 0], [1 * 0.5 + 3 * 2]]  # Rows hold their sorted index.
+  np.testing.assert_allclose(y, np.repeat(want, 2, axis=1))
