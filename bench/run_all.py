@@ -2,7 +2,7 @@
 (ratio, MFU against a measured matmul peak), MoE scaling from 8 to 64 experts against a dense
 one-hot baseline, decode (absorbed, expanded, transformers) with cache bytes against MHA, and the
 SFT, DPO and GRPO steps against TRL (GRPO split into rollout and train time), and sandbox programs
-per second. Each benchmark runs as its own process, one after the other (time
+per second, and speculative decoding with the MTP head. Each benchmark runs as its own process, one after the other (time
 nothing else meanwhile); a failed one is recorded with its error and the rest still run.
 
   .venv/bin/python -m bench.run_all --out=bench/results.json
@@ -28,6 +28,8 @@ BENCHMARKS = (
     ("generate", ["--batches=1,32", "--contexts=128,2048", "--new_tokens=32", "--rounds=2"]),
     ("posttrain_step", ["--stages=sft,dpo,grpo", "--steps=5"]),
     ("sandbox", ["--programs=64", "--workers=1,2,4"]),
+    # Needs a trained MTP head: the demo's pre-training run (`make demo`), else recorded as failed.
+    ("speculative", ["--checkpoint=workdir/demo/base", "--batches=1,32", "--rounds=3"]),
 )
 
 _OUT = flags.DEFINE_string("out", "bench/results.json", "The JSON file written.")

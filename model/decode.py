@@ -123,12 +123,12 @@ def _prefill_stack(blocks: Optional[Block], kind, x_BTD, positions_BT, segment_i
       None if experts is None else pad(experts))
 
 
-def prefill(model: Transformer, tokens_BT, lengths_B, max_len: int, kind: str = "latent",
-            record_experts: bool = False):
+def prefill_hidden(model: Transformer, tokens_BT, lengths_B, max_len: int, kind: str = "latent",
+                   record_experts: bool = False):
   """Runs right-padded prompts (row b: `lengths[b]` tokens) and caches them for `max_len` positions.
   `record_experts`: the cache also records the experts every token is routed to (Cache.experts).
 
-  Returns (float32 logits [B, Y] at each row's last prompt token, Cache).
+  Returns (the last block's hidden states [B, T, D] before the final norm, Cache).
   """
   cfg = model.cfg
   _check_mla(cfg, kind)
@@ -143,12 +143,23 @@ def prefill(model: Transformer, tokens_BT, lengths_B, max_len: int, kind: str = 
                                    max_len)
   x_BTD, moe, experts = _prefill_stack(model.moe_layers, kind, x_BTD, positions_BT, segment_ids_BT,
                                        max_len, record_experts)
-  last_B1D = jnp.take_along_axis(x_BTD, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)
-  logits = model.output_logits(model.final_norm(last_B1D))[:, 0]
   if experts is not None:  # Padding and not-yet-decoded positions: -1 (nothing recorded).
     real_1BS1 = (jnp.arange(max_len)[None, :] < lengths_B[:, None])[None, :, :, None]
     experts = jnp.where(real_1BS1, experts, -1)
-  return logits, Cache((dense, moe), lengths_B, kind, experts)
+  return x_BTD, Cache((dense, moe), lengths_B, kind, experts)
+
+
+def last_token_logits(model: Transformer, x_BTD, lengths_B):
+  """Float32 logits [B, Y] at each row's last real position of hidden states [B, T, D]."""
+  last_B1D = jnp.take_along_axis(x_BTD, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)
+  return model.output_logits(model.final_norm(last_B1D))[:, 0]
+
+
+def prefill(model: Transformer, tokens_BT, lengths_B, max_len: int, kind: str = "latent",
+            record_experts: bool = False):
+  """`prefill_hidden`, returning (float32 logits [B, Y] at each row's last prompt token, Cache)."""
+  x_BTD, cache = prefill_hidden(model, tokens_BT, lengths_B, max_len, kind, record_experts)
+  return last_token_logits(model, x_BTD, cache.lengths), cache
 
 
 def _write(stack_array, layer, rows_B1, slots_BT, values_BT):
@@ -189,12 +200,19 @@ def _decode_stack(blocks: Optional[Block], kind, stack: Optional[LayerCache], x_
   return x_BTD, LayerCache(first, second).constrained(), experts
 
 
-def decode_step(model: Transformer, cache: Cache, tokens_BT):
-  """Appends tokens [B, T] (usually T = 1) at each row's length; returns (logits [B, T, Y], cache)."""
+def _positions_and_mask(lengths_B, t: int, max_len: int):
+  """Positions [B, T] of T new tokens appended at each row's length, and the mask [B, 1, T, S]
+  letting each see the cache slots up to its own position."""
+  positions_BT = lengths_B[:, None] + jnp.arange(t, dtype=jnp.int32)
+  slots_S = jnp.arange(max_len, dtype=jnp.int32)
+  return positions_BT, (slots_S[None, None, :] <= positions_BT[:, :, None])[:, None]
+
+
+def decode_hidden(model: Transformer, cache: Cache, tokens_BT):
+  """Appends tokens [B, T] at each row's length; returns (the last block's hidden states
+  [B, T, D] before the final norm, cache)."""
   b, t = tokens_BT.shape
-  positions_BT = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
-  slots_S = jnp.arange(cache.max_len, dtype=jnp.int32)
-  mask_B1TS = (slots_S[None, None, :] <= positions_BT[:, :, None])[:, None]
+  positions_BT, mask_B1TS = _positions_and_mask(cache.lengths, t, cache.max_len)
   x_BTD = model.embed(tokens_BT)
   dense, moe = cache.stacks
   x_BTD, dense, _ = _decode_stack(model.dense_layers, cache.kind, dense, x_BTD, positions_BT,
@@ -202,7 +220,50 @@ def decode_step(model: Transformer, cache: Cache, tokens_BT):
   record = cache.experts
   x_BTD, moe, experts = _decode_stack(model.moe_layers, cache.kind, moe, x_BTD, positions_BT,
                                       mask_B1TS, record is not None)
-  logits = model.output_logits(model.final_norm(x_BTD))
   if record is not None:  # [L, B, T, K] of the new tokens, written at their positions.
     record = record.at[:, jnp.arange(b)[:, None], positions_BT].set(experts)
-  return logits, Cache((dense, moe), cache.lengths + t, cache.kind, record)
+  return x_BTD, Cache((dense, moe), cache.lengths + t, cache.kind, record)
+
+
+def decode_step(model: Transformer, cache: Cache, tokens_BT):
+  """Appends tokens [B, T] (usually T = 1) at each row's length; returns (logits [B, T, Y], cache)."""
+  x_BTD, cache = decode_hidden(model, cache, tokens_BT)
+  return model.output_logits(model.final_norm(x_BTD)), cache
+
+
+def _one_layer_stack(block: Block) -> Block:
+  """`block` as a stack of one layer (its parameters with a leading axis of 1), so the stacks'
+  prefill and decode code caches it."""
+  graphdef, state = nnx.split(block)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[None], state))
+
+
+def mtp_prefill(model: Transformer, h_BTD, next_tokens_BT, lengths_B, max_len: int,
+                kind: str = "latent"):
+  """Runs the first MTP module over a prompt and caches its block for `max_len` positions.
+
+  `h_BTD`: the main model's hidden states before the final norm (`prefill_hidden`); position t's
+  input pairs h[t] with the embedding of `next_tokens[t]`, the token at t + 1. Returns (float32
+  logits [B, T, Y] for the token at t + 2, the module's one-layer cache).
+  """
+  module = model.mtp[0]
+  b, t = next_tokens_BT.shape
+  positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  segment_ids_BT = (positions_BT < lengths_B[:, None]).astype(jnp.int32)
+  x_BTD = module.inputs(h_BTD, model.embed(next_tokens_BT))
+  x_BTD, stack, _ = _prefill_stack(_one_layer_stack(module.block), kind, x_BTD, positions_BT,
+                                   segment_ids_BT, max_len)
+  return model.output_logits(module.norm(x_BTD)), stack
+
+
+def mtp_decode(model: Transformer, stack: LayerCache, lengths_B, h_BTD, next_tokens_BT,
+               kind: str = "latent"):
+  """Extends the first MTP module's cache (`mtp_prefill`) at positions lengths + [0, T); returns
+  (float32 logits [B, T, Y] for the tokens two past those positions, the cache)."""
+  module = model.mtp[0]
+  positions_BT, mask_B1TS = _positions_and_mask(lengths_B, next_tokens_BT.shape[1],
+                                                stack.first.shape[2])
+  x_BTD = module.inputs(h_BTD, model.embed(next_tokens_BT))
+  x_BTD, stack, _ = _decode_stack(_one_layer_stack(module.block), kind, stack, x_BTD,
+                                  positions_BT, mask_B1TS)
+  return model.output_logits(module.norm(x_BTD)), stack

@@ -112,9 +112,13 @@ class MTPModule(nnx.Module):
     self.block = Block(cfg, moe=cfg.num_experts > 0, rngs=rngs)
     self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dt)
 
+  def inputs(self, h_BTD, next_embed_BTD):
+    """The block's input: the projected [norm(embedding of the next token); norm(h)]."""
+    return self.proj(jnp.concatenate([self.embed_norm(next_embed_BTD), self.hidden_norm(h_BTD)],
+                                     -1))
+
   def __call__(self, h_BTD, next_embed_BTD, positions_BT, segment_ids_BT):
-    x = self.proj(jnp.concatenate([self.embed_norm(next_embed_BTD), self.hidden_norm(h_BTD)], -1))
-    return self.block(x, positions_BT, segment_ids_BT)
+    return self.block(self.inputs(h_BTD, next_embed_BTD), positions_BT, segment_ids_BT)
 
 
 def _concat_stats(parts):
