@@ -2,16 +2,12 @@
 cuDNN paths.
 
   "xla"     `reference_attention`: dense float32 softmax with the mask built from segment ids.
-  "chunked" `chunked_attention`: the reference per block of queries, each against only the keys
-            it can causally see; faster and leaner than "xla" on CPU from about 1,024 queries.
+  "chunked" `chunked_attention`: per block of queries, each against only the keys it can
+            causally see, with a backward that recomputes the probabilities; the fast path on CPU.
   "pallas"  the flash kernel (`kernels.flash_attention`); interpreted off TPU/GPU (for tests).
   "cudnn"   `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only, float16/bfloat16:
             the value head is zero-padded up to the qk head size (cuDNN wants one head size).
-  "auto"    "pallas" on TPU/GPU; elsewhere "chunked" from CHUNKED_FROM queries, else "xla".
-
-Measured on 2 CPU cores, bench-small forward (model/transformer.forward): 4 x 2048 tokens 0.77-0.84 s
-chunked against 0.96-1.09 s dense; 8 x 512 the same (0.26 s) both ways; a bench-tiny 8 x 256 train
-step also the same (0.27 s) but 5 s longer to compile, hence the threshold.
+  "auto"    "pallas" on TPU/GPU, "chunked" elsewhere.
 """
 
 from __future__ import annotations
@@ -24,17 +20,14 @@ from kernels.chunked_attention import chunked_attention
 from kernels.flash_attention import flash_attention, reference_attention
 
 IMPLS = ("auto", "xla", "chunked", "pallas", "cudnn")
-CHUNKED_FROM = 1024  # Queries from which "auto" takes the chunked path on CPU.
 
 
-def resolve_impl(impl: str, num_queries: int = 0) -> str:
-  """The concrete path `impl` names on this backend for `num_queries` queries per row."""
+def resolve_impl(impl: str) -> str:
+  """The concrete path `impl` names on this backend."""
   if impl not in IMPLS:
     raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
-    if on_accelerator():
-      return "pallas"
-    return "chunked" if num_queries >= CHUNKED_FROM else "xla"
+    return "pallas" if on_accelerator() else "chunked"
   return impl
 
 
@@ -62,7 +55,7 @@ def attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale: float, causal: bool
   row) and, when causal, at positions <= the query's. A query with no visible key gets zeros
   (on "xla" and "pallas"; cuDNN's own convention otherwise).
   """
-  impl = resolve_impl(impl, q_BTNH.shape[1])
+  impl = resolve_impl(impl)
   if impl == "xla":
     return reference_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale, causal)
   if impl == "chunked":

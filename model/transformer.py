@@ -41,16 +41,19 @@ class Block(nnx.Module):
     self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.dense_ffn_dim, rngs=rngs)
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, replay_BTK=None):
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
+    with jax.named_scope("attention"):  # Names the ops in profiles and dumped HLO.
+      x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
     return self.feed_forward(x_BTD, replay_BTK)
 
   def feed_forward(self, x_BTD, replay_BTK=None):
     """The second residual half, x + ffn(norm(x)): (x, router stats or None). `replay_BTK`:
     recorded experts for an MoE block (routing replay)."""
     if isinstance(self.ffn, MoE):
-      y_BTD, stats = self.ffn(self.ffn_norm(x_BTD), replay_BTK)
+      with jax.named_scope("moe"):
+        y_BTD, stats = self.ffn(self.ffn_norm(x_BTD), replay_BTK)
       return x_BTD + y_BTD, stats
-    return x_BTD + self.ffn(self.ffn_norm(x_BTD)), None
+    with jax.named_scope("mlp"):
+      return x_BTD + self.ffn(self.ffn_norm(x_BTD)), None
 
 
 def stacked_blocks(cfg: ModelConfig, moe: bool, count: int, rngs: nnx.Rngs) -> Optional[Block]:
@@ -143,7 +146,8 @@ class Transformer(nnx.Module):
 
   def output_logits(self, h_BTD: jax.Array) -> jax.Array:
     """The shared output head (after the caller's final norm), in float32."""
-    logits = self.embed.attend(h_BTD) if self.head is None else self.head(h_BTD)
+    with jax.named_scope("output_head"):
+      logits = self.embed.attend(h_BTD) if self.head is None else self.head(h_BTD)
     return constrain(logits.astype(jnp.float32), "batch", "seq", "vocab")
 
   def blocks(self, x_BTD, positions_BT, segment_ids_BT, replay_LBTK=None):

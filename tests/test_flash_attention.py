@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.attention import CHUNKED_FROM, attention, nn_attention, resolve_impl
+from kernels.attention import attention, nn_attention, resolve_impl
 from kernels.chunked_attention import chunked_attention, default_block
 from kernels.flash_attention import flash_attention, reference_attention
 from model.transformer import forward, init_model
@@ -68,10 +68,23 @@ def test_chunked_matches_reference(t, s, block, causal):
   _assert_parity(got, _out_and_grads(reference, q, k, vv, cot))
 
 
-def test_chunked_default_block_and_auto_threshold():
-  assert [default_block(t) for t in (8, 128, 256, 512, 2048, 8192)] == [32, 32, 32, 64, 256, 256]
-  assert resolve_impl("auto", CHUNKED_FROM - 1) == "xla"  # CPU: dense below the threshold.
-  assert resolve_impl("auto", CHUNKED_FROM) == "chunked"
+def test_chunked_default_block_and_auto():
+  assert [default_block(t) for t in (8, 128, 256, 512, 2048, 8192)] == [64, 64, 64, 128, 256, 256]
+  assert resolve_impl("auto") == "chunked"  # On CPU.
+
+
+def test_chunked_in_bfloat16_matches_reference_in_float32():
+  q, k, vv, cot = _inputs(2, 70, 70, 2, 12, 6, seed=5)
+  bf16 = lambda *xs: [x.astype(jnp.bfloat16) for x in xs]
+  got = _out_and_grads(lambda q, k, v: chunked_attention(q, k, v, None, 0.3, True, 32),
+                       *bf16(q, k, vv, cot))
+  q, k, vv, cot = (x.astype(jnp.float32) for x in bf16(q, k, vv, cot))
+  want = _out_and_grads(lambda q, k, v: reference_attention(q, k, v, None, 0.3, True),
+                        q, k, vv, cot)
+  assert got[0].dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in got[1])
+  np.testing.assert_allclose(np.asarray(got[0], np.float32), want[0], atol=2e-2, rtol=2e-2)
+  for a, b in zip(got[1], want[1]):
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=5e-2, rtol=5e-2)
 
 
 def test_queries_without_visible_keys_get_zeros():
