@@ -16,8 +16,8 @@ def model_overrides() -> ml_collections.ConfigDict:
   """Execution fields a post-training stage applies over the loaded model's config (its weight
   shapes are kept): dtype, remat and kernel choices."""
   return ml_collections.ConfigDict(dict(
-      dtype="float32", remat_policy="none", attention_impl="auto", moe_impl="auto",
-      moe_dispatch="auto"))
+      dtype="float32", remat_policy="none", layer_loop="auto", attention_impl="auto",
+      moe_impl="auto", moe_dispatch="auto"))
 
 
 def optimizer(**changes) -> ml_collections.ConfigDict:

@@ -17,8 +17,8 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(preset="tiny"))
   # ModelConfig fields over the preset; the execution fields are listed so flags can set them.
   c.model_overrides = ml_collections.ConfigDict(dict(
-      vocab_size=512, max_seq_len=128, dtype="float32", remat_policy="none", attention_impl="auto",
-      moe_impl="auto", moe_dispatch="auto"))
+      vocab_size=512, max_seq_len=128, dtype="float32", remat_policy="none", layer_loop="auto",
+      attention_impl="auto", moe_impl="auto", moe_dispatch="auto"))
   c.init_from = ""  # A workdir checkpoint dir or HF directory: its weights, a fresh optimizer.
   c.data = ml_collections.ConfigDict(dict(
       source="builtin", paths="", jsonl_field="text", builtin_docs=20000, seq_len=128, batch_size=8,

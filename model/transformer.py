@@ -1,7 +1,8 @@
 """The decoder: embedding -> dense blocks -> MoE blocks -> norm -> head, plus multi-token prediction.
 
 Layers of one kind are stacked along a leading axis and run with `jax.lax.scan`, so compile time
-does not grow with depth (a 61-layer model traces two block bodies).
+does not grow with depth (a 61-layer model traces two block bodies); short stacks on CPU run as
+an unrolled loop instead (ModelConfig.layer_loop).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import numpy as np
 from flax import nnx
 
 from model.attention import make_attention
-from model.config import ModelConfig
+from kernels.backend import on_accelerator
+from model.config import UNROLL_UP_TO, ModelConfig
 from model.layers import MLP, Einsum, Embed, RMSNorm, compute_dtype
 from model.moe import MoE, RouterStats
 from model.sharding import constrain
@@ -78,16 +80,25 @@ _REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
           "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
+def scans_layers(cfg: ModelConfig, num_layers: int) -> bool:
+  """Whether a stack of `num_layers` layers runs as a `jax.lax.scan` (`cfg.layer_loop`)."""
+  if cfg.layer_loop == "auto":
+    return on_accelerator() or num_layers > UNROLL_UP_TO
+  return cfg.layer_loop == "scan"
+
+
 def run_stacked(blocks: Optional[Block], x_BTD, positions_BT, segment_ids_BT, remat_policy="none",
                 replay_LBTK=None):
-  """Scans `x` through stacked blocks; returns (x, per-layer stats stacked, or None).
+  """Runs `x` through stacked blocks; returns (x, per-layer stats stacked, or None).
 
-  With a remat policy each block's activations are recomputed in the backward pass, except what
-  the policy saves. `replay_LBTK`: recorded experts per layer (MoE stacks; routing replay).
+  A `jax.lax.scan` or an unrolled loop over the layers (`scans_layers`). With a remat policy each
+  block's activations are recomputed in the backward pass, except what the policy saves.
+  `replay_LBTK`: recorded experts per layer (MoE stacks; routing replay).
   """
   if blocks is None:
     return x_BTD, None
   graphdef, state = nnx.split(blocks)
+  num_layers = jax.tree.leaves(state)[0].shape[0]
 
   def body(h_BTD, xs):
     layer_state, replay_BTK = xs
@@ -96,8 +107,16 @@ def run_stacked(blocks: Optional[Block], x_BTD, positions_BT, segment_ids_BT, re
 
   if remat_policy != "none":
     body = jax.checkpoint(body, policy=_REMAT[remat_policy])
-
-  return jax.lax.scan(body, x_BTD, (state, replay_LBTK))
+  if scans_layers(blocks.attn.cfg, num_layers):
+    return jax.lax.scan(body, x_BTD, (state, replay_LBTK))
+  # Unrolled: each layer's residuals are buffers of their own, not slices of stacked ones.
+  stats = []
+  for layer in range(num_layers):
+    x_BTD, layer_stats = body(x_BTD, jax.tree.map(lambda a: a[layer], (state, replay_LBTK)))
+    stats.append(layer_stats)
+  if stats[0] is None:
+    return x_BTD, None
+  return x_BTD, jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *stats)
 
 
 class MTPModule(nnx.Module):

@@ -25,6 +25,7 @@ from tests.conftest import small_config
     (dict(capacity_factor=0.0), "capacity_factor must be positive"),
     (dict(dtype="int8"), "dtype must be"),
     (dict(remat_policy="some"), "remat_policy must be one of"),
+    (dict(layer_loop="while"), "layer_loop must be one of"),
     *[(dict([(name, 0)]), f"{name} must be positive, got 0") for name in (
         "vocab_size", "d_model", "num_layers", "num_heads", "dense_ffn_dim", "max_seq_len",
         "qk_nope_head_dim", "qk_rope_head_dim", "moe_ffn_dim", "experts_per_token",

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.transformer import forward, init_model
+from model.config import UNROLL_UP_TO
+from model.transformer import forward, init_model, scans_layers
 from tests.conftest import small_config
 
 CONFIGS = {
@@ -128,3 +129,27 @@ def test_remat_gives_the_same_gradients(policy):
 
   for a, b in zip(jax.tree.leaves(grads(cfg)), jax.tree.leaves(grads(cfg.replace(remat_policy=policy)))):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_unrolled_layers_equal_scanned():
+  """layer_loop "unroll" and "scan" (and "auto", which unrolls 2 layers on CPU): the same
+  logits, router stats and gradients; remat composes with both."""
+  cfg = small_config(num_layers=3, first_k_dense=1, mtp_depth=1)  # A dense and an MoE stack.
+  tokens = _tokens(2, 8)
+
+  def run(c):
+    graphdef, params, rest = nnx.split(init_model(c, 0), nnx.Param, ...)
+    def loss(p):
+      out = nnx.merge(graphdef, p, rest)(tokens)
+      return out.logits.sum() + out.mtp_logits.sum(), out
+    return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+  assert not scans_layers(cfg, 2) and scans_layers(cfg, UNROLL_UP_TO + 1)  # "auto" on CPU.
+  want_grads, want = run(cfg.replace(layer_loop="scan"))
+  for c in (cfg.replace(layer_loop="unroll"), cfg.replace(layer_loop="auto", remat_policy="full")):
+    grads, out = run(c)
+    np.testing.assert_allclose(out.logits, want.logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(out.router.experts, want.router.experts)
+    np.testing.assert_array_equal(out.router.tokens_per_expert, want.router.tokens_per_expert)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
