@@ -98,7 +98,8 @@ class ModelConfig:
   remat_policy: str = "none"  # Per-block rematerialisation: none, full, or dots_saveable.
   # How a stack of layers runs: "scan" (jax.lax.scan: one compiled layer, residuals stacked),
   # "unroll" (a Python loop: each layer compiled, residuals apart), "auto" (unroll stacks of at
-  # most UNROLL_UP_TO layers on CPU, where stacking residuals costs 13-24% of a step; else scan).
+  # most UNROLL_UP_TO layers on CPU without remat, where stacking residuals costs 13-24% of a
+  # step; else scan, whose memory stays bounded layer by layer under remat).
   layer_loop: str = "auto"
   # Kernels: "auto" takes the Pallas kernel on accelerators and the XLA reference elsewhere.
   attention_impl: str = "auto"  # kernels.attention: auto, xla, chunked, pallas (flash), cudnn.

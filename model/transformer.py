@@ -82,8 +82,8 @@ _REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
 
 def scans_layers(cfg: ModelConfig, num_layers: int) -> bool:
   """Whether a stack of `num_layers` layers runs as a `jax.lax.scan` (`cfg.layer_loop`)."""
-  if cfg.layer_loop == "auto":
-    return on_accelerator() or num_layers > UNROLL_UP_TO
+  if cfg.layer_loop == "auto":  # Remat asks for the scan's layer-by-layer memory bound.
+    return on_accelerator() or num_layers > UNROLL_UP_TO or cfg.remat_policy != "none"
   return cfg.layer_loop == "scan"
 
 

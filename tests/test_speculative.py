@@ -27,6 +27,21 @@ def prompts():
   return pad_prompts([list(r.integers(1, 61, size=int(n))) for n in (4, 2, 6, 1, 9, 3)])
 
 
+@pytest.fixture(scope="module")
+def sampling(model, prompts):
+  """One config for every test (shared compilations) whose stop tokens end two rows mid-way:
+  tokens only one row decodes, first at its step 3 or later (never 0, the zero-head token)."""
+  plain = np.asarray(generate(model, *prompts, jax.random.key(0),
+                              SamplingConfig(max_new_tokens=N)).tokens)
+  stops = []
+  for row in plain:
+    for step, token in enumerate(row):
+      if step >= 3 and token != 0 and (plain == token).any(axis=1).sum() == 1:
+        stops.append(int(token))
+        break
+  return SamplingConfig(max_new_tokens=N, stop_tokens=tuple(stops[:2]), pad_token=0)
+
+
 def _assert_same(plain, spec):
   np.testing.assert_array_equal(spec.tokens, plain.tokens)
   np.testing.assert_array_equal(spec.lengths, plain.lengths)
@@ -34,34 +49,26 @@ def _assert_same(plain, spec):
 
 
 @pytest.mark.parametrize("kind", ["latent", "expanded"])
-def test_speculative_equals_plain_greedy(model, prompts, kind):
+def test_speculative_equals_plain_greedy(model, prompts, sampling, kind):
   tokens, lengths = prompts
-  sampling = SamplingConfig(max_new_tokens=N)
   plain = generate(model, tokens, lengths, jax.random.key(0), sampling, cache_kind=kind)
   spec, stats = speculative_greedy(model, tokens, lengths, sampling, kind)
   _assert_same(plain, spec)
+  assert int(plain.lengths.min()) < N and int(plain.lengths.max()) == N  # Stopped and not.
   # This random model's drafts are right now and then: both the kept and the rejected path ran.
   assert 0 < int(stats.accepted.sum()) < int(stats.steps.sum())
-  # The prefill makes the first token, each step one more plus one per kept draft (the last
-  # step's second token may fall past N).
+  # The prefill makes the first token, each step one more plus one per kept draft; the last
+  # step's second token is dropped when it falls past N or follows a stop token.
   made = 1 + np.asarray(stats.steps + stats.accepted)
-  assert np.all((made == N) | (made == N + 1)), made
-  # Stop tokens met mid-way (some right after a kept draft): rows end at them, then pad.
-  stops = tuple(int(t) for t in np.unique(np.asarray(plain.tokens)[:, 5:8]))
-  sampling = SamplingConfig(max_new_tokens=N, stop_tokens=stops, pad_token=0)
-  plain = generate(model, tokens, lengths, jax.random.key(0), sampling, cache_kind=kind)
-  spec, _ = speculative_greedy(model, tokens, lengths, sampling, kind)
-  assert int(plain.lengths.min()) < N
-  _assert_same(plain, spec)
+  assert np.all((made == spec.lengths) | (made == spec.lengths + 1)), made
 
 
-def test_every_draft_is_kept_when_it_cannot_miss(prompts):
+def test_every_draft_is_kept_when_it_cannot_miss(prompts, sampling):
   """With a zero output head every logit ties and argmax is token 0 for the main model and the
   MTP module alike: every draft is confirmed, two tokens per step."""
   model = init_model(small_config(), 1)
   model.head.w.set_value(jnp.zeros_like(model.head.w[...]))
   tokens, lengths = prompts
-  sampling = SamplingConfig(max_new_tokens=N, pad_token=7)
   spec, stats = speculative_greedy(model, tokens, lengths, sampling)
   np.testing.assert_array_equal(spec.tokens, 0)
   np.testing.assert_array_equal(stats.accepted, stats.steps)
@@ -69,7 +76,7 @@ def test_every_draft_is_kept_when_it_cannot_miss(prompts):
   _assert_same(generate(model, tokens, lengths, jax.random.key(0), sampling), spec)
 
 
-def test_refused_requests(model, prompts):
+def test_refused_requests(model, prompts, sampling):
   tokens, lengths = prompts
   key = jax.random.key(0)
   with pytest.raises(ValueError, match="temperature must be 0"):
@@ -79,6 +86,5 @@ def test_refused_requests(model, prompts):
   with pytest.raises(ValueError, match="no MTP module"):
     generate(no_mtp, tokens, lengths, key, SamplingConfig(max_new_tokens=N), speculative=True)
   # Through `generate`, as rollouts and evaluation call it.
-  _assert_same(generate(model, tokens, lengths, key, SamplingConfig(max_new_tokens=N)),
-               generate(model, tokens, lengths, key, SamplingConfig(max_new_tokens=N),
-                        speculative=True))
+  _assert_same(generate(model, tokens, lengths, key, sampling),
+               generate(model, tokens, lengths, key, sampling, speculative=True))
