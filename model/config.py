@@ -101,7 +101,8 @@ class ModelConfig:
   # most UNROLL_UP_TO layers on CPU without remat, where stacking residuals costs 13-24% of a
   # step; else scan, whose memory stays bounded layer by layer under remat).
   layer_loop: str = "auto"
-  # Kernels: "auto" takes the Pallas kernel on accelerators and the XLA reference elsewhere.
+  # Kernels: "auto" takes the Pallas kernel on accelerators; on CPU the chunked attention and
+  # the blocked grouped matmul.
   attention_impl: str = "auto"  # kernels.attention: auto, xla, chunked, pallas (flash), cudnn.
   moe_impl: str = "auto"  # kernels.grouped_matmul (dropless MoE): auto, xla, pallas, ragged, blocked.
   # Expert-parallel token exchange (model/expert_parallel.py): auto (ragged on TPU/GPU), all_to_all

@@ -123,6 +123,13 @@ def _prefill_stack(blocks: Optional[Block], kind, x_BTD, positions_BT, segment_i
       None if experts is None else pad(experts))
 
 
+def _prompt_layout(lengths_B, t: int):
+  """Positions [B, T] and segment ids [B, T] of right-padded prompts: row b's first `lengths[b]`
+  tokens are segment 1, its padding segment 0."""
+  positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (lengths_B.shape[0], t))
+  return positions_BT, (positions_BT < lengths_B[:, None]).astype(jnp.int32)
+
+
 def prefill_hidden(model: Transformer, tokens_BT, lengths_B, max_len: int, kind: str = "latent",
                    record_experts: bool = False):
   """Runs right-padded prompts (row b: `lengths[b]` tokens) and caches them for `max_len` positions.
@@ -132,12 +139,11 @@ def prefill_hidden(model: Transformer, tokens_BT, lengths_B, max_len: int, kind:
   """
   cfg = model.cfg
   _check_mla(cfg, kind)
-  b, t = tokens_BT.shape
+  t = tokens_BT.shape[1]
   if t > max_len:
     raise ValueError(f"prompt length {t} exceeds the cache length {max_len}")
-  positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   lengths_B = jnp.asarray(lengths_B, jnp.int32)
-  segment_ids_BT = (positions_BT < lengths_B[:, None]).astype(jnp.int32)  # Padding: segment 0.
+  positions_BT, segment_ids_BT = _prompt_layout(lengths_B, t)
   x_BTD = model.embed(tokens_BT)
   x_BTD, dense, _ = _prefill_stack(model.dense_layers, kind, x_BTD, positions_BT, segment_ids_BT,
                                    max_len)
@@ -247,9 +253,7 @@ def mtp_prefill(model: Transformer, h_BTD, next_tokens_BT, lengths_B, max_len: i
   logits [B, T, Y] for the token at t + 2, the module's one-layer cache).
   """
   module = model.mtp[0]
-  b, t = next_tokens_BT.shape
-  positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  segment_ids_BT = (positions_BT < lengths_B[:, None]).astype(jnp.int32)
+  positions_BT, segment_ids_BT = _prompt_layout(lengths_B, next_tokens_BT.shape[1])
   x_BTD = module.inputs(h_BTD, model.embed(next_tokens_BT))
   x_BTD, stack, _ = _prefill_stack(_one_layer_stack(module.block), kind, x_BTD, positions_BT,
                                    segment_ids_BT, max_len)

@@ -116,26 +116,23 @@ class Speculation(NamedTuple):
   accepted: jax.Array  # [B] int32: drafts the main model confirmed (each a second token).
 
 
-def _greedy(logits_BY):
-  """(argmax tokens [B], their log-probabilities at temperature 1 [B]): `sample_logits` greedy."""
-  tokens_B = jnp.argmax(logits_BY, axis=-1).astype(jnp.int32)
-  logprobs_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BY, axis=-1), tokens_B[:, None],
-                                   axis=-1)[:, 0]
-  return tokens_B, logprobs_B
-
-
 @functools.partial(nnx.jit, static_argnames=("sampling", "kind"))
 def speculative_greedy(model: Transformer, tokens_BT, lengths_B, sampling: SamplingConfig,
                        kind: str = "latent") -> tuple[Generation, Speculation]:
   """Greedy continuations of right-padded prompts, drafting one token ahead with the first MTP
   module and verifying it in the same main-model step (module docstring). Same tokens and
   log-probabilities as `generate` at temperature 0; fewer main-model steps when drafts hit."""
+  problems = [p for p, bad in (("temperature must be 0 (greedy)", sampling.temperature != 0),
+                               ("the model has no MTP module", model.cfg.mtp_depth < 1)) if bad]
+  if problems:
+    raise ValueError(f"speculative decoding: {'; '.join(problems)}")
+  greedy = lambda logits_BY: sample_logits(logits_BY, None, sampling)  # No key: argmax.
   b, t = tokens_BT.shape
   n = sampling.max_new_tokens
   rows_B = jnp.arange(b)
   stops = jnp.asarray(sampling.stop_tokens, jnp.int32)
   h_BTD, cache = prefill_hidden(model, tokens_BT, lengths_B, t + n, kind)
-  tok, lp = _greedy(last_token_logits(model, h_BTD, cache.lengths))
+  tok, lp = greedy(last_token_logits(model, h_BTD, cache.lengths))
   tok, lp, _, done = _finish(tok, lp, jnp.zeros((b,), bool), sampling)
   out_tokens = jnp.full((b, n), sampling.pad_token, jnp.int32).at[:, 0].set(tok)
   out_logprobs = jnp.zeros((b, n)).at[:, 0].set(lp)
@@ -153,8 +150,8 @@ def speculative_greedy(model: Transformer, tokens_BT, lengths_B, sampling: Sampl
     start_B = cache.lengths  # Position of `tok`; the draft goes at start + 1.
     h_B2D, cache = decode_hidden(model, cache, jnp.stack([tok, draft], axis=1))
     logits_B2Y = model.output_logits(model.final_norm(h_B2D))
-    first, first_lp = _greedy(logits_B2Y[:, 0])
-    second, second_lp = _greedy(logits_B2Y[:, 1])
+    first, first_lp = greedy(logits_B2Y[:, 0])
+    second, second_lp = greedy(logits_B2Y[:, 1])
     hit = first == draft
     active = ~done
     two = active & hit & ~jnp.isin(first, stops)  # The draft is kept and a second token follows.
@@ -163,7 +160,7 @@ def speculative_greedy(model: Transformer, tokens_BT, lengths_B, sampling: Sampl
     out_tokens = write(write(out_tokens, produced, active, first), produced + 1, two, second)
     out_logprobs = write(write(out_logprobs, produced, active, first_lp), produced + 1, two,
                          second_lp)
-    done = (done | (active & jnp.isin(first, stops)) | (two & jnp.isin(second, stops)))
+    done = done | (active & jnp.isin(first, stops)) | (two & jnp.isin(second, stops))
     produced = jnp.minimum(produced + active + two, n)
     done = done | (produced >= n)
     # The MTP module at the two positions: h there with the token after each (the second is only
@@ -197,11 +194,8 @@ def generate(model: Transformer, tokens_BT, lengths_B, key, sampling: SamplingCo
   model = inference_model(model)
   max_len = _check_length(model, tokens_BT.shape[1], sampling)
   if speculative:
-    problems = [p for p, bad in (("temperature must be 0 (greedy)", sampling.temperature != 0),
-                                 ("the model has no MTP module", model.cfg.mtp_depth < 1),
-                                 ("record_experts is not supported", record_experts)) if bad]
-    if problems:
-      raise ValueError(f"generate(speculative=True): {'; '.join(problems)}")
+    if record_experts:
+      raise ValueError("generate(speculative=True): record_experts is not supported")
     return speculative_greedy(model, tokens_BT, lengths_B, sampling, cache_kind)[0]
   logits, cache = jitted_prefill(model, tokens_BT, lengths_B, max_len=max_len, kind=cache_kind,
                                  record_experts=record_experts)
