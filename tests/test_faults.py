@@ -69,6 +69,21 @@ def test_nan_gradients_and_a_loss_spike_are_skipped_counted_and_survived(tmp_pat
 
 
 @pytest.mark.slow
+def test_the_guard_reads_the_streak_one_step_late_between_logs_and_restores(tmp_path, capsys):
+  """Between logged and checkpointed steps the host reads a step's bad-step streak only after
+  queueing the next step: NaN gradients at steps 5 and 6 (streak 2 at step 6) restore the
+  checkpoint of step 4 at step 7; the fault recurs after each restore, and the third stops the run."""
+  c = _pretrain_config(steps=12, checkpoint_every=4)
+  c.log_every, c.max_bad_steps = 4, 2
+  stage = pretrain_stage(c, str(tmp_path))
+  stage.loss_fn = nan_gradients_at(5, nan_gradients_at(4, pretrain_loss(StepConfig(**c.step))))
+  with pytest.raises(RuntimeError, match="three restores already"):
+    run(stage, c, str(tmp_path))
+  out = capsys.readouterr().out
+  assert out.count("step 7: 2 consecutive skipped steps; restored the checkpoint of step 4") == 3
+
+
+@pytest.mark.slow
 def test_a_reward_that_raises_or_returns_nan_is_counted_and_survived(tmp_path, tiny_pretrain,
                                                                      capsys):
   from configs.grpo import get_config as grpo_config

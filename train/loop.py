@@ -197,11 +197,20 @@ def run(stage: Stage, c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   writer = MetricsWriter(workdir, c.total_steps, enabled=jax.process_index() == 0,
                          resume_step=start or 0)
   rows, step, tick, restores = [], int(state.step), time.perf_counter(), 0
+  unread = None  # The previous step's bad-step streak, not yet read on the host.
   while step < c.total_steps:
     host_batch = data.next_batch(policy(state)) if hasattr(data, "next_batch") else next(data)
     state, metrics = train_step(state, put_batch(host_batch, mesh, stage.batch_size), frozen)
     step += 1
-    if c.max_bad_steps and int(metrics["bad_streak"]) >= c.max_bad_steps:
+    # The guard reads each step's bad-step streak one step late, once the next step is queued, so
+    # the host never idles the device; steps that log or checkpoint (which wait anyway) read it now.
+    streaks = [unread] if unread is not None else []
+    if step % c.log_every == 0 or step % ckpt.every == 0 or step == c.total_steps:
+      streaks, unread = streaks + [metrics["bad_streak"]], None
+    else:
+      unread = metrics["bad_streak"]
+    if c.max_bad_steps and any(int(s) >= c.max_bad_steps for s in streaks):
+      unread = None
       good = ckpt.latest_step()
       restores += 1
       if good is None or restores > 3:
