@@ -40,11 +40,17 @@ def get_config(arg=None):
   c.rewards = ml_collections.ConfigDict(dict(
       accuracy=1.0,  # Weight of the verifier's score.
       format=0.0,  # Weight of the <think>...</think>answer format reward; 0: off.
+      steps=0.0,  # Weight of the process reward: the fraction of the problem's own steps the
+                  # reasoning carries out right (arithmetic's step_score); 0: off.
       overlong_cache=0,  # > 0: DAPO's soft overlong penalty over the last this many tokens.
       reward_model="",  # A reward-model workdir (posttrain.reward_model): RLHF against it.
       reward_model_weight=1.0,
       code_tests="all",  # Program task: "all" (1 only when every hidden test passes) or "fraction".
       sandbox="namespaces"))  # Program task isolation; "rlimits" accepts rlimits only (sandbox.py).
+  c.eval = ml_collections.ConfigDict(dict(
+      tasks="",  # Held-out greedy pass@1 of these families every eval_every steps, logged as
+                 # eval_TASK_pass_at_1 (a family not in data.tasks measures transfer); "": none.
+      problems=100))  # Held-out problems per family.
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q_a,q_b,kv_a,kv_b,o"))
   common.add_rl_training(c, peak_lr=2e-4, log_every=5)
   if arg == "dapo":

@@ -106,6 +106,22 @@ def evaluate(model, tokenizer, task, problems: list[Problem], samples: int = 0, 
   return report
 
 
+def greedy_probe(tokenizer, task_names, n: int, max_new_tokens: int = 64, batch_size: int = 64,
+                 seed: int = 0):
+  """`model -> {"eval_TASK_pass_at_1": greedy pass@1}` on `n` held-out problems of each family in
+  `task_names` (drawn once): a training stage's `evaluate` hook, so that RL logs held-out accuracy
+  over its steps."""
+  tasks = {name: get_task(name) for name in task_names}
+  problems = {name: task.problems("test", n, seed) for name, task in tasks.items()}
+
+  def probe(model) -> dict:
+    return {f"eval_{name}_pass_at_1": evaluate(
+        model, tokenizer, task, problems[name], samples=0, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, seed=seed, show_progress=False)["greedy"]["pass_at_1"]
+        for name, task in tasks.items()}
+  return probe
+
+
 def table(report: dict) -> str:
   """The report as a small text table."""
   lines = [f"{report['task']} ({report['n']} held-out problems, {report['prompt_style']} prompts)",

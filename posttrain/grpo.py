@@ -28,9 +28,10 @@ import jax.numpy as jnp
 
 from posttrain import lora
 from posttrain.environments import make_environment
-from posttrain.plots import overoptimisation_plot
+from posttrain.eval import greedy_probe
+from posttrain.plots import overoptimisation_plot, stage_plot
 from posttrain.reward_model import reward_function
-from posttrain.rewards import RewardSet, length_penalty, task_accuracy, think_format
+from posttrain.rewards import RewardSet, length_penalty, step_accuracy, task_accuracy, think_format
 from posttrain.rl import ADVANTAGES, RolloutBatches, RolloutConfig
 from posttrain.start import frozen_copy, load_chat_model, tokenizer_record
 from posttrain.tasks import get_task
@@ -189,6 +190,12 @@ def rl_batches(c, rcfg: RolloutConfig, tokenizer, model_cfg, advantage: str = "g
   rewards, weights = {"accuracy": task_accuracy(tasks)}, {"accuracy": c.rewards.accuracy}
   if c.rewards.format:
     rewards["format"], weights["format"] = think_format, c.rewards.format
+  if c.rewards.steps:
+    unchecked = [n for n in names if not hasattr(tasks[n], "step_score")]
+    if unchecked:
+      raise ValueError(f"config.rewards.steps checks each step of the reasoning, which the task "
+                       f"families {unchecked} cannot: train them with rewards.steps=0")
+    rewards["steps"], weights["steps"] = step_accuracy(tasks), c.rewards.steps
   if c.rewards.reward_model:  # RLHF: a learned reward (the verifier's accuracy is still logged).
     rewards["reward_model"] = reward_function(c.rewards.reward_model)
     weights["reward_model"] = c.rewards.reward_model_weight
@@ -213,6 +220,19 @@ def rl_batches(c, rcfg: RolloutConfig, tokenizer, model_cfg, advantage: str = "g
   return batches
 
 
+def held_out_probe(c, tokenizer, rcfg: RolloutConfig):
+  """The RL stage's `evaluate` hook: greedy pass@1 on c.eval.problems held-out problems of each
+  family in c.eval.tasks, every c.eval_every steps; None when c.eval.tasks is empty."""
+  names = [t.strip() for t in c.eval.tasks.split(",") if t.strip()]
+  if not names:
+    return None
+  if not c.eval_every:
+    raise ValueError("config.eval.tasks is set but config.eval_every is 0: set how often to "
+                     "evaluate")
+  return greedy_probe(tokenizer, names, c.eval.problems, rcfg.max_new_tokens, rcfg.batch_size,
+                      c.data.seed)
+
+
 def rl_start(c, workdir: str, **fields):
   """(policy, tokenizer, run_config) of an RL stage: the chat model of `init_from` and the run
   config (model, data, rewards and the stage's own `fields`), checked against the workdir's."""
@@ -227,9 +247,11 @@ def rl_start(c, workdir: str, **fields):
 
 
 def run_rl(stage: Stage, c, workdir: str) -> list[dict]:
-  """Runs (or resumes) an RL stage; returns this invocation's logged metrics rows. Against a
-  reward model it also plots proxy against gold reward (DIR/overoptimisation.png)."""
+  """Runs (or resumes) an RL stage; returns this invocation's logged metrics rows. It plots the
+  stage's curves where it has a plot (GRPO: DIR/grpo.png, accuracy, length and rewards) and,
+  against a reward model, proxy against gold reward (DIR/overoptimisation.png)."""
   rows = run(stage, c, workdir)
+  stage_plot(workdir, stage.name)
   if c.rewards.reward_model:
     overoptimisation_plot(workdir)
   return rows
@@ -257,7 +279,8 @@ def grpo_stage(c, workdir: str):
       batch_source=RL_BATCH_SOURCE,
       tokens_per_batch=rows * width,
       loss_fn=grpo_loss(gcfg, rcfg.max_new_tokens, reference, rcfg.temperature),
-      initial_model=lambda: policy, frozen=frozen, flops_per_token=cfg.flops_per_token(width))
+      initial_model=lambda: policy, frozen=frozen, flops_per_token=cfg.flops_per_token(width),
+      evaluate=held_out_probe(c, tokenizer, rcfg))
   return lora.apply(stage, lora_cfg) if lora_cfg.rank else stage
 
 

@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+_FAMILIES = ("arithmetic", "countdown", "program")  # Built-in families an RL run may evaluate.
+
 # (file name, stage, title, [(metric, label), ...] per panel); panels share the step axis.
 _CURVES = (
     ("pretrain_loss.png", "base", "Pre-training", [[("loss", "train loss"),
@@ -21,9 +23,11 @@ _CURVES = (
     ("dpo_margins.png", "dpo", "DPO",
      [[("margin", "implicit reward margin"), ("eval_margin", "held-out margin")],
       [("accuracy", "preference accuracy"), ("eval_accuracy", "held-out accuracy")]]),
-    ("grpo.png", "grpo", "GRPO", [[("reward_accuracy", "rollout accuracy")],
-                                  [("completion_length", "response length (tokens)")],
-                                  [("reward", "reward")]]),
+    ("grpo.png", "grpo", "GRPO",
+     [[("reward_accuracy", "rollout accuracy (sampled, train problems)")]
+      + [(f"eval_{t}_pass_at_1", f"held-out greedy pass@1: {t}") for t in _FAMILIES],
+      [("completion_length", "response length (tokens)")],
+      [("reward", "reward (weighted total)"), ("reward_steps", "steps reward")]]),
 )
 
 
@@ -71,12 +75,28 @@ def _pass_at_1_plot(plt, stages: list[dict], out: str) -> bool:
   return True
 
 
-def pipeline_plots(workdir: str, stages: list[dict]) -> list[str]:
-  """Writes DIR/plots/*.png from each finished stage's metrics and the stages' evaluations;
-  returns the paths written."""
+def _pyplot():
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  return plt
+
+
+def stage_plot(workdir: str, stage: str) -> str | None:
+  """DIR/<the stage's plot>.png (e.g. grpo.png) from DIR/metrics.jsonl; None when the stage has
+  no plot or logged none of its metrics."""
+  from train.metrics import read_metrics
+  for name, kind, title, panels in _CURVES:
+    if kind == stage:
+      out = os.path.join(workdir, name)
+      return out if _curve_plot(_pyplot(), read_metrics(workdir), title, panels, out) else None
+  return None
+
+
+def pipeline_plots(workdir: str, stages: list[dict]) -> list[str]:
+  """Writes DIR/plots/*.png from each finished stage's metrics and the stages' evaluations;
+  returns the paths written."""
+  plt = _pyplot()
   from train.metrics import read_metrics
   out_dir = os.path.join(workdir, "plots")
   os.makedirs(out_dir, exist_ok=True)
@@ -98,9 +118,7 @@ def overoptimisation_plot(workdir: str) -> str | None:
   model's, `reward_reward_model`) and the gold reward (the verifier's, `reward_accuracy`) over
   steps and against the KL to the reference (PPO's `kl_rollout`, else GRPO's `kl`). None when
   the run logged no proxy and gold rewards."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
   from train.metrics import read_metrics
   rows = [r for r in read_metrics(workdir)
           if "reward_reward_model" in r and "reward_accuracy" in r]

@@ -50,6 +50,19 @@ def think_format(prompts, completions, **fields) -> list[float]:
   return [1.0 if parse_response(c).well_formed else 0.0 for c in completions]
 
 
+def step_accuracy(tasks: dict) -> Reward:
+  """A process reward: each row's `task.step_score(problem, completion)` in [0, 1], the fraction
+  of the problem's own steps its reasoning carries out right (the families that have one:
+  arithmetic). ValueError for a family without step checks."""
+  def steps(prompts, completions, problems, **fields):
+    del prompts, fields
+    missing = sorted({p.task for p in problems if not hasattr(tasks.get(p.task), "step_score")})
+    if missing:
+      raise ValueError(f"step_accuracy: task families {missing} have no step checks")
+    return [tasks[p.task].step_score(p, c) for p, c in zip(problems, completions)]
+  return steps
+
+
 def length_penalty(max_tokens: int, cache_tokens: int) -> Reward:
   """DAPO's soft overlong penalty on completion token counts (`lengths` field): 0 up to
   max_tokens - cache_tokens, then falling linearly to -1 at max_tokens (and -1 beyond)."""

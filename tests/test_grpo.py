@@ -12,7 +12,7 @@ import pytest
 
 from posttrain import chat
 from posttrain.grpo import GrpoConfig, aggregate, grpo_loss, kl_per_token, token_losses
-from posttrain.rewards import RewardSet, length_penalty, think_format
+from posttrain.rewards import RewardSet, length_penalty, step_accuracy, think_format
 from posttrain.rl import RolloutBatches, RolloutConfig, group_advantages
 
 RNG = np.random.default_rng(0)
@@ -172,6 +172,34 @@ def test_reward_set_combines_and_rejects_bad_rewards():
     RewardSet({"format": think_format}, {})
 
 
+def test_step_accuracy_credits_the_problems_own_steps_done_right():
+  from posttrain.tasks import get_task
+  task = get_task("arithmetic")
+  problems = task.problems("train", 20)
+  steps = step_accuracy({"arithmetic": task})
+  assert steps([""] * 20, [p.solution for p in problems], problems=problems) == [1.0] * 20
+  p = task.make(5, [("-", 2), ("*", 3)])  # (5 - 2) * 3: steps 5 - 2 = 3, 3 * 3 = 9.
+  completions = [
+      "<think>Step 1: 5 - 2 = 4. Step 2: 4 * 3 = 12.</think>12",  # Wrong first: nothing after.
+      "<think>Step 1: 5 - 2 = 3. Step 2: 3 * 3 = 10.</think>10",  # Right, then wrong.
+      "<think>Step 1: 5 - 5 = 0. Step 2: 0 * 3 = 0.</think>0",  # True, but not the problem's.
+      "<think>Step 1: 5 - 2 = 3.</think>3",  # One of two steps.
+      "<think>Step 1: 5 - 2 = 3. Step 2: 2 * 3 = 6.</think>6",  # Step 2 not on step 1's result.
+      "Step 1: 5 - 2 = 3. Step 2: 3 * 3 = 9. So 9",  # Malformed, steps all right: 1.
+      "(5 - 2) * 3 = 9"]  # Not a step (a op b = c), so no credit: 0.
+  np.testing.assert_allclose(steps([""] * 7, completions, problems=[p] * 7),
+                             [0.0, 0.5, 0.0, 0.5, 0.5, 1.0, 0.0])
+  with pytest.raises(ValueError, match=r"\['countdown'\] have no step checks"):
+    cd = get_task("countdown").problems("train", 1)
+    step_accuracy({"countdown": get_task("countdown")})([""], ["x"], problems=cd)
+  from configs.grpo import get_config
+  from posttrain.grpo import rl_batches
+  c = get_config()
+  c.data.problems, c.rewards.steps = 4, 1.0
+  with pytest.raises(ValueError, match=r"the task families \['countdown'\] cannot"):
+    rl_batches(c, RolloutConfig(), None, None)  # Refused before anything is built.
+
+
 @pytest.fixture(scope="module")
 def world(chat_tok):
   """A random tiny policy with the chat tokenizer, and arithmetic problems."""
@@ -276,13 +304,16 @@ def test_grpo_end_to_end_resumes_exactly(tmp_path, tiny_pretrain):
     g = grpo_config("dapo")
     g.init_from = tiny_pretrain
     g.total_steps, g.log_every, g.checkpoint_every, g.peak_flops = steps, 1, 2, 1e11
-    g.data.problems = 20
+    g.data.tasks, g.data.problems = "arithmetic", 20  # The steps reward checks arithmetic.
     g.rollout.update(prompts=2, samples=2, max_new_tokens=6, minibatches=2, max_refills=1)
-    g.grpo.beta, g.rewards.format = 0.04, 0.5
+    g.grpo.beta, g.rewards.format, g.rewards.steps = 0.04, 0.5, 0.5
+    g.eval_every, g.eval.tasks, g.eval.problems = 2, "arithmetic", 3  # The held-out probe.
     return g
   rows = grpo(config(4), str(tmp_path / "run"))
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
-  assert all(np.isfinite(r["loss"]) and "reward" in r for r in rows if r["step"] % 2)
+  assert all(np.isfinite(r["loss"]) and "reward_steps" in r for r in rows if r["step"] % 2)
+  assert [("eval_arithmetic_pass_at_1" in r) for r in rows] == [False, True, False, True]
+  assert (tmp_path / "run" / "grpo.png").exists()
   full = jax.tree.leaves(nnx.state(load_model(str(tmp_path / "run"))))
   shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")  # As if killed before the last save.
   resumed = grpo(config(4), str(tmp_path / "run"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import zlib
 
-_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 FUNCTIONS = [  # (name, args, body, sample inputs, reference): also the program task.
     ("add", "a, b", "return a + b", lambda r: (r.randint(0, 99), r.randint(0, 99)), lambda a, b: a + b),
@@ -58,7 +58,7 @@ def calculation_steps(value: int, ops) -> tuple[str, list[tuple[int, str, int, i
   `value` and applies each (op, operand) in `ops` to the running result."""
   expr, steps = str(value), []
   for op, operand in ops:
-    new = _OPS[op](value, operand)
+    new = OPS[op](value, operand)
     steps.append((value, op, operand, new))
     expr, value = f"({expr} {op} {operand})", new
   return (expr[1:-1] if expr.startswith("(") else expr), steps, value
@@ -71,7 +71,7 @@ def random_chain(r: random.Random, num_steps: int, start_max: int = START_MAX,
   start = r.randint(1, start_max)
   ops = []
   for _ in range(num_steps):
-    op = r.choice(list(_OPS))
+    op = r.choice(list(OPS))
     ops.append((op, r.randint(2, mul_max) if op == "*" else r.randint(1, operand_max)))
   return start, ops
 
@@ -79,19 +79,19 @@ def random_chain(r: random.Random, num_steps: int, start_max: int = START_MAX,
 def random_countdown(r: random.Random, count: int, number_max: int = COUNTDOWN_MAX):
   """(numbers, [ops between them], target, expression) combined left to right."""
   numbers = [r.randint(1, number_max) for _ in range(count)]
-  ops = [r.choice(list(_OPS)) for _ in numbers[1:]]
+  ops = [r.choice(list(OPS)) for _ in numbers[1:]]
   expr, _, target = calculation_steps(numbers[0], list(zip(ops, numbers[1:])))
   return numbers, ops, target, expr
 
 
 def arithmetic_fact(r: random.Random) -> str:
   """One operation and its result, e.g. '17 + 5 = 22.', over the operands calculations meet."""
-  op = r.choice(list(_OPS))
+  op = r.choice(list(OPS))
   if op == "*":
     a, b = r.randint(0, 60), r.randint(0, 9)
   else:
     a, b = r.randint(-20, 99), r.randint(0, max(OPERAND_MAX, COUNTDOWN_MAX))
-  return f"{a} {op} {b} = {_OPS[op](a, b)}."
+  return f"{a} {op} {b} = {OPS[op](a, b)}."
 
 
 def worked_calculation(r: random.Random) -> str:

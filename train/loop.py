@@ -47,6 +47,8 @@ class Stage:
   trainable: Optional[Callable[[Transformer], Any]] = None  # model -> trained tree (LoRA).
   model_params: Optional[Callable] = None  # (trained, frozen) -> the model's parameters.
   eval_batches: Optional[Callable[[], Iterable[dict]]] = None  # Held-out batches, for eval_loss.
+  # model -> {name: value}: held-out measures beyond a loss (RL: greedy pass@1), at eval steps.
+  evaluate: Optional[Callable[[Transformer], dict]] = None
   flops_per_token: float = 0.0
   perplexity: bool = True  # Whether eval_loss is a token cross-entropy (then eval_perplexity too).
   batch_source: str = "config.data.batch_size"  # The fields batch_size comes from (for errors).
@@ -232,11 +234,13 @@ def run(stage: Stage, c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                  seconds_per_step=elapsed / logged, peak_flops_source=peak_source)
       if hasattr(data, "pop_metrics"):  # Host-side metrics of the batch source (RL rollouts).
         row.update(data.pop_metrics())
-      if (stage.eval_batches is not None and c.eval_every
-          and (step % c.eval_every == 0 or step == c.total_steps)):
-        row.update(_evaluate(eval_loss, state, frozen, stage, c.eval_batches, mesh))
-        if stage.perplexity:
-          row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
+      if c.eval_every and (step % c.eval_every == 0 or step == c.total_steps):
+        if stage.eval_batches is not None:
+          row.update(_evaluate(eval_loss, state, frozen, stage, c.eval_batches, mesh))
+          if stage.perplexity:
+            row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
+        if stage.evaluate is not None:
+          row.update(stage.evaluate(policy(state)))
       writer.write(step, row)
       rows.append(dict(row, step=step))
       tick = time.perf_counter()

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 
 from posttrain.chat import assistant_content, parse_response
-from posttrain.tasks.base import Problem, Verdict, distinct
+from posttrain.tasks.base import Problem, Verdict, distinct, field
 from posttrain.tasks.math import answers_match, extract_answer
 from train import corpus
-from train.corpus import calculation_key, calculation_steps, is_held_out, random_chain
+from train.corpus import OPS, calculation_key, calculation_steps, is_held_out, random_chain
+
+
+# One shown step of a calculation, "a op b = c" on integers (any of them may be negative).
+_STEP = re.compile(r"(?<![\w.])(-?\d+) ([-+*]) (-?\d+) = (-?\d+)(?![\w.]*\d)")
+
+
+def shown_steps(text: str) -> list[tuple[int, str, int, int]]:
+  """The steps "a op b = c" (op one of + - *) that `text` states, in order."""
+  return [(int(a), op, int(b), int(c)) for a, op, b, c in _STEP.findall(text)]
 
 
 def final_answer(response: str) -> str | None:
@@ -60,7 +70,8 @@ class Arithmetic:
     reasoning = " ".join(f"Step {i}: {a} {op} {b} = {c}." for i, (a, op, b, c) in enumerate(steps, 1))
     return Problem(task=self.name, key=calculation_key(expr), prompt=f"Compute {expr}.",
                    answer=str(value), solution=assistant_content(reasoning, str(value)),
-                   difficulty=len(ops))
+                   difficulty=len(ops),
+                   fields=dict(start=start, ops=[[op, operand] for op, operand in ops]))
 
   def problems(self, split: str, count: int, seed: int = 0) -> list[Problem]:
     """`count` distinct problems of `split`, deterministic in `seed`."""
@@ -74,3 +85,20 @@ class Arithmetic:
   def verify(self, problem: Problem, response: str) -> Verdict:
     """1 when the stated final answer equals the reference value, else 0."""
     return verify_stated_answer(problem, response)
+
+  def step_score(self, problem: Problem, response: str) -> float:
+    """The fraction of the problem's operations that the response's reasoning carries out right
+    before its first mistake: its step k must read "a op b = c" with a the true result of the
+    steps before (the start value for k = 1), op and b the problem's k-th operation, and c true.
+    Steps after a mistake earn nothing, so true steps on a wrong value (5 - 5 = 0, then
+    0 * 3 = 0 for (5 - 2) * 3) are no way around the work."""
+    ops = field(problem, "ops")
+    parsed = parse_response(response)
+    steps = shown_steps(parsed.reasoning if parsed.well_formed else response)
+    value, right = field(problem, "start"), 0
+    for (op, operand), step in zip(ops, steps):
+      result = OPS[op](value, operand)
+      if step != (value, op, operand, result):
+        break
+      value, right = result, right + 1
+    return right / len(ops)
