@@ -96,6 +96,22 @@ def test_splits_and_process_slices_are_disjoint(tok):
   assert a["inputs"].shape == (2, 16) and not np.array_equal(a["inputs"], b["inputs"])
 
 
+def test_jsonl_source_reads_each_document_from_disk_by_offset(tmp_path):
+  """Documents come back exactly, in file order, across files, blank lines, CRLF endings and
+  multi-byte UTF-8 (offsets are bytes); the source keeps offsets, not the documents."""
+  from train.data import JsonlFiles
+  first = ['{"body": "héllo ∑ 1"}', "", '{"body": "two", "other": 1}\r', '{"body": "ünï 3"}']
+  second = ['  ', '{"body": "🙂 four"}', '{"body": "five\\nlines"}']
+  (tmp_path / "a.jsonl").write_bytes("\n".join(first).encode() + b"\n")
+  (tmp_path / "b.jsonl").write_bytes("\n".join(second).encode())  # No final newline.
+  source = JsonlFiles([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], "body")
+  assert [source[i] for i in range(len(source))] == [
+      "héllo ∑ 1", "two", "ünï 3", "🙂 four", "five\nlines"]
+  assert source[3] == "🙂 four" and source[0] == "héllo ∑ 1"  # Random access, any order.
+  assert sorted(vars(source)) == ["field", "file_ids", "files", "offsets"]  # No documents held.
+  assert source.offsets.dtype == np.int64 and len(source.files) == 2
+
+
 def test_jsonl_and_text_sources(tok, tmp_path):
   (tmp_path / "a.jsonl").write_text(json.dumps({"body": "1 + 2 = 3."}) + "\n" +
                                     json.dumps({"body": "2 * 3 = 6."}) + "\n")

@@ -7,11 +7,12 @@ target that belongs to the next document (or to padding) has loss_mask 0.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import glob
 import json
 import zlib
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import grain
 import numpy as np
@@ -59,12 +60,15 @@ class TextFiles:
       return f.read()
 
 
-def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
-  """(line number, record) per non-blank line; ValueError naming path:line for a malformed line,
-  a non-object or a missing (or non-string) required field, and for a file with no records."""
-  records = []
+def scan_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[tuple[int, int, dict]]:
+  """(line number, byte offset of the line, record) per non-blank line; ValueError naming
+  path:line for a malformed line, a non-object or a missing (or non-string) required field, and
+  for a file with no records."""
+  found = False
   with open(path, "rb") as f:
+    offset = 0
     for number, raw in enumerate(f, 1):
+      start, offset = offset, offset + len(raw)
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
@@ -81,24 +85,40 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[tuple[int, dic
         if not isinstance(record.get(name), str):
           raise ValueError(f"{path}:{number}: field {name!r} is missing or not a string "
                            f"(fields: {sorted(record)})")
-      records.append((number, record))
-  if not records:
+      found = True
+      yield number, start, record
+  if not found:
     raise ValueError(f"{path}: no records")
-  return records
 
+
+def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+  """(line number, record) per non-blank line of a small file (fine-tuning data, prompts), with
+  scan_jsonl's checks."""
+  return [(number, record) for number, _, record in scan_jsonl(path, required)]
 
 
 class JsonlFiles:
-  """One document per line: the string in `field` of each JSON object."""
+  """One document per line: the string in `field` of each JSON object. Opening checks every line
+  (scan_jsonl) but keeps only where each record starts (file and byte offset, 12 bytes a
+  document); a document is read from disk when it is asked for, so no process holds the corpus
+  in memory."""
 
   def __init__(self, files: Sequence[str], field: str):
-    self.docs = [record[field] for path in files for _, record in read_jsonl(path, (field,))]
+    self.files, self.field = list(files), field
+    file_ids, offsets = array.array("i"), array.array("q")
+    for k, path in enumerate(self.files):
+      for _, offset, _ in scan_jsonl(path, (field,)):
+        file_ids.append(k)
+        offsets.append(offset)
+    self.file_ids, self.offsets = np.frombuffer(file_ids, np.int32), np.frombuffer(offsets, np.int64)
 
   def __len__(self):
-    return len(self.docs)
+    return len(self.offsets)
 
   def __getitem__(self, i: int) -> str:
-    return self.docs[i]
+    with open(self.files[self.file_ids[i]], "rb") as f:
+      f.seek(int(self.offsets[i]))
+      return json.loads(f.readline())[self.field]
 
 
 class ParquetFiles:
