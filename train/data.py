@@ -16,12 +16,15 @@ from typing import Iterator, Sequence
 
 import grain
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset
+from grain.experimental import ConcatThenSplitIterDataset, ThreadPrefetchIterDataset
 
 from train.corpus import BuiltinCorpus
 from train.tokenizer import Tokenizer
 
 SOURCES = ("builtin", "text", "jsonl", "parquet", "arrayrecord")
+READ_THREADS = 16  # Threads reading and tokenizing documents (grain's default).
+READ_AHEAD_DOCUMENTS = 500  # Tokenized documents buffered ahead of packing.
+READ_AHEAD_BATCHES = 2  # Model batches packed ahead of the training loop.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +213,11 @@ def make_dataset(cfg: DataConfig, tokenizer: Tokenizer, split: str = "train",
   bos = [tokenizer.bos_id] if cfg.add_bos else []
   eos = [tokenizer.eos_id] if cfg.add_eos else []
   ds = ds.map(lambda text: {"tokens": np.asarray(bos + tokenizer.encode(text) + eos, np.int32)})
-  packed = ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": cfg.seq_len + 1})
+  # Reading and tokenizing run in grain's reader threads, ahead of use; packing and batching in
+  # one more thread, so the training loop's thread only takes finished batches.
+  documents = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
+                                                   prefetch_buffer_size=READ_AHEAD_DOCUMENTS))
+  packed = ConcatThenSplitIterDataset(documents, length_struct={"tokens": cfg.seq_len + 1})
   batched = packed.batch(cfg.batch_size // process_count, drop_remainder=split == "train")
-  return batched.map(to_model_batch)
+  return ThreadPrefetchIterDataset(batched.map(to_model_batch),
+                                   prefetch_buffer_size=READ_AHEAD_BATCHES)
