@@ -22,5 +22,6 @@ def get_config(arg=None):
   g = grpo.get_config("rlhf")
   c.grpo = g.grpo  # GRPO's objective (beta 0.04: KL to the reference).
   c.lora = g.lora  # GRPO only: LoRA adapters (rank > 0) instead of full fine-tuning.
+  c.eval = g.eval  # GRPO only: held-out greedy pass@1 probes (eval.tasks, every eval_every).
   c.reward_model = c.rewards.get_ref("reward_model")  # Required: a reward-model workdir.
   return c

@@ -27,7 +27,7 @@ def algorithm_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError("config.lora.rank: PPO here trains the whole policy and its value head; "
                      "LoRA is for --config.algorithm=grpo")
   fields = c.to_dict()
-  dropped = ("grpo", "lora") if c.algorithm == "ppo" else ("ppo",)
+  dropped = ("grpo", "lora", "eval") if c.algorithm == "ppo" else ("ppo",)
   for name in ("algorithm", "reward_model") + dropped:
     fields.pop(name)
   return ml_collections.ConfigDict(fields)

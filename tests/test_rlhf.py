@@ -14,7 +14,7 @@ def test_the_algorithm_picks_its_config_blocks():
   c.reward_model = "workdir/rm"
   assert c.rewards.reward_model == "workdir/rm"  # One field under two names.
   ppo = algorithm_config(c)
-  assert "ppo" in ppo and "grpo" not in ppo and "lora" not in ppo and "algorithm" not in ppo
+  assert "ppo" in ppo and not {"grpo", "lora", "eval", "algorithm"} & set(ppo)
   assert ppo.rewards.reward_model == "workdir/rm" and ppo.rewards.accuracy == 0.0
   assert ppo.ppo.kl_target == 6.0
   c.algorithm = "grpo"
