@@ -34,7 +34,7 @@ from posttrain.reward_model import reward_function
 from posttrain.rewards import RewardSet, length_penalty, step_accuracy, task_accuracy, think_format
 from posttrain.rl import ADVANTAGES, RolloutBatches, RolloutConfig
 from posttrain.start import frozen_copy, load_chat_model, tokenizer_record
-from posttrain.tasks import get_task
+from posttrain.tasks import get_task, task_names
 from train.checkpoint import check_run_config
 from train.loop import Stage, loop_fields, run, run_model_fields
 from train.loss import sequence_logprobs
@@ -179,7 +179,7 @@ def rl_batches(c, rcfg: RolloutConfig, tokenizer, model_cfg, advantage: str = "g
   """The RL batch source of an RL stage's config `c`: the tasks' train problems (c.data), the
   rewards (c.rewards: verifier accuracy, format, a reward model, the overlong penalty) and, with
   rollout.environment, the environment episodes; checked against the model's max_seq_len."""
-  names = [t.strip() for t in c.data.tasks.split(",") if t.strip()]
+  names = task_names(c.data.tasks)
   if c.rewards.code_tests not in ("all", "fraction"):
     raise ValueError(f"config.rewards.code_tests must be 'all' or 'fraction', got "
                      f"{c.rewards.code_tests!r}")
@@ -223,7 +223,7 @@ def rl_batches(c, rcfg: RolloutConfig, tokenizer, model_cfg, advantage: str = "g
 def held_out_probe(c, tokenizer, rcfg: RolloutConfig):
   """The RL stage's `evaluate` hook: greedy pass@1 on c.eval.problems held-out problems of each
   family in c.eval.tasks, every c.eval_every steps; None when c.eval.tasks is empty."""
-  names = [t.strip() for t in c.eval.tasks.split(",") if t.strip()]
+  names = task_names(c.eval.tasks)
   if not names:
     return None
   if not c.eval_every:

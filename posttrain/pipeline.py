@@ -82,13 +82,13 @@ def evaluate_policy(name: str, path: str, e: ml_collections.ConfigDict) -> tuple
   from posttrain.eval import evaluate
   from posttrain.sft import task_chats
   from posttrain.start import load_chat_model
-  from posttrain.tasks import get_task
+  from posttrain.tasks import get_task, task_names
   from train.metrics import read_metrics
   model, tokenizer = load_chat_model(path)
   style = "plain" if name == "base" else "chat"
   ks = (1, e.samples) if e.samples else (1,)
   summary = {}
-  for task_name in [t.strip() for t in e.tasks.split(",") if t.strip()]:
+  for task_name in task_names(e.tasks):
     task = get_task(task_name)
     problems = task.problems("test", e.n, e.seed)
     report = evaluate(model, tokenizer, task, problems, e.samples, ks, temperature=e.temperature,

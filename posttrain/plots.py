@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-_FAMILIES = ("arithmetic", "countdown", "program")  # Built-in families an RL run may evaluate.
+from posttrain.tasks import BUILTIN, DATA_FORMATS
 
 # (file name, stage, title, [(metric, label), ...] per panel); panels share the step axis.
 _CURVES = (
@@ -25,7 +25,8 @@ _CURVES = (
       [("accuracy", "preference accuracy"), ("eval_accuracy", "held-out accuracy")]]),
     ("grpo.png", "grpo", "GRPO",
      [[("reward_accuracy", "rollout accuracy (sampled, train problems)")]
-      + [(f"eval_{t}_pass_at_1", f"held-out greedy pass@1: {t}") for t in _FAMILIES],
+      + [(f"eval_{t}_pass_at_1", f"held-out greedy pass@1: {t}")
+         for t in (*BUILTIN, *DATA_FORMATS)],
       [("completion_length", "response length (tokens)")],
       [("reward", "reward (weighted total)"), ("reward_steps", "steps reward")]]),
 )

@@ -22,7 +22,7 @@ import numpy as np
 
 from posttrain.chat import assistant_content, encode_chat, parse_response, validate_messages
 from posttrain.data import TRUNCATION, EpochBatches
-from posttrain.tasks import get_task
+from posttrain.tasks import get_task, task_names
 from train.data import read_jsonl
 
 REJECTED_KINDS = ("wrong", "malformed", "rambling")
@@ -144,7 +144,7 @@ def task_preferences(tasks: str, split: str, count: int, seed: int = 0,
     raise ValueError(f"rejected kinds {unknown or kinds!r}: choose from {REJECTED_KINDS}")
   rng = np.random.default_rng([seed, 7])
   pairs = []
-  for name in [t.strip() for t in tasks.split(",") if t.strip()]:
+  for name in task_names(tasks):
     task = get_task(name)
     for problem in task.problems(split, count, seed):
       if not (task.verify(problem, problem.solution).correct

@@ -22,7 +22,7 @@ from posttrain import lora
 from posttrain.chat import encode_chat
 from posttrain.data import PackedBatches, fixed_batches, prepare, read_chat_jsonl
 from posttrain.start import load_chat_model, tokenizer_record
-from posttrain.tasks import get_task
+from posttrain.tasks import get_task, task_names
 from train.checkpoint import check_run_config
 from train.loop import Stage, loop_fields, run, run_model_fields
 
@@ -31,7 +31,7 @@ def task_chats(tasks: str, split: str, count: int, seed: int) -> list[list[dict]
   """The worked reference solutions of `count` problems of each comma-separated task family, as
   user/assistant chats."""
   chats = []
-  for name in [t.strip() for t in tasks.split(",") if t.strip()]:
+  for name in task_names(tasks):
     for p in get_task(name).problems(split, count, seed):
       chats.append([{"role": "user", "content": p.prompt},
                     {"role": "assistant", "content": p.solution}])

@@ -17,6 +17,11 @@ BUILTIN = {"arithmetic": Arithmetic, "countdown": Countdown, "program": Program}
 DATA_FORMATS = ("gsm8k", "math")
 
 
+def task_names(text: str) -> list[str]:
+  """The family names of a comma-separated list ("arithmetic, countdown"), blanks dropped."""
+  return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def get_task(name: str, data: str = "", **knobs) -> Task:
   """The task family `name` with difficulty `knobs`; gsm8k and math read the JSONL file `data`."""
   if name in BUILTIN:
