@@ -13,11 +13,12 @@ def mesh() -> ml_collections.ConfigDict:
 
 
 def model_overrides() -> ml_collections.ConfigDict:
-  """Execution fields a post-training stage applies over the loaded model's config (its weight
-  shapes are kept): dtype, remat and kernel choices."""
+  """Fields a post-training stage applies over the loaded model's config (its weight shapes are
+  kept): dtype, remat and kernel choices, and the context length (no weight depends on it; 0
+  keeps the loaded model's)."""
   return ml_collections.ConfigDict(dict(
       dtype="float32", remat_policy="none", layer_loop="auto", attention_impl="auto",
-      moe_impl="auto", moe_dispatch="auto"))
+      moe_impl="auto", moe_dispatch="auto", max_seq_len=0))
 
 
 def optimizer(**changes) -> ml_collections.ConfigDict:

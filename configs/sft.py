@@ -6,6 +6,7 @@
       --config.init_from=/path/to/hf_dir --config.data.source=jsonl --config.data.paths=train.jsonl
 
 The built-in data is the task families' worked solutions (train split) rendered as chats.
+`:judge` trains the built-in AI-feedback judge (posttrain/judge.py) with a 256-token context.
 """
 
 import ml_collections
@@ -42,6 +43,11 @@ def get_config(arg=None):
   if arg == "lora":
     c.lora.rank = 8
     c.optimizer.peak_lr = 3e-3
+  elif arg == "judge":  # The built-in judge (posttrain/judge.py) on `judge data`'s JSONL.
+    c.data.update(source="jsonl", seq_len=256, batch_size=8)
+    c.model_overrides.max_seq_len = 256  # A judge question holds two responses.
+    c.optimizer.update(peak_lr=3e-4, warmup_steps=20)
+    c.total_steps, c.eval_every = 400, 0
   elif arg:
-    raise ValueError(f"configs/sft.py: unknown variant {arg!r}; known: lora")
+    raise ValueError(f"configs/sft.py: unknown variant {arg!r}; known: judge, lora")
   return c

@@ -3,6 +3,8 @@ a constitution's principles; the soft labels feed the reward-model and DPO paths
 
   python -m posttrain.ai_feedback --judge=CKPT --policy=CKPT --prompts=FILE --out=prefs.jsonl \
       [--constitution=FILE] [--principles=2]   # --prompts=task:arithmetic for built-in prompts
+  python -m posttrain.ai_feedback --mode=sl_cai --policy=CKPT --prompts=FILE --out=sft.jsonl \
+      [--rounds=2]
 
 For each prompt the policy samples two responses. The judge sees one principle, the prompt and
 both responses as (A) and (B), and its preference is the normalised probability of the two
@@ -11,8 +13,12 @@ its assistant turn. The label is the mean over `principles` sampled principles a
 orders (P(A) with the first response as A, and 1 - P(A) with it as B), which cancels position
 bias: swapping the two responses gives exactly 1 - label.
 
+SL-CAI (`--mode=sl_cai`, `critique_revise`): the policy answers, then critiques and rewrites its
+own answer under sampled principles for a few rounds; the last rewrites are SFT data.
+
 A constitution is a text file with one principle per line (blank lines and '#' comments
-skipped). The judge is any loaded chat checkpoint (the policy itself included).
+skipped). The judge is any loaded chat checkpoint (the policy itself included); the built-in one
+is trained by posttrain/judge.py.
 """
 
 from __future__ import annotations
@@ -90,13 +96,38 @@ def soft_labels(judge, tokenizer, prompts: list[str], first: list[str], second: 
 
 
 def read_prompts(spec: str, count: int, seed: int = 0) -> list[str]:
-  """Prompts from a JSONL file ({"prompt": ...} per line) or, as `task:NAME`, the train
-  problems of a built-in task family."""
+  """Prompts from a JSONL file ({"prompt": ...} per line; the first `count`) or, as
+  `task:NAME[,NAME...]`, `count` train problems of each built-in task family."""
   if spec.startswith("task:"):
-    from posttrain.tasks import get_task
-    return [p.prompt for p in get_task(spec[5:]).problems("train", count, seed)]
+    from posttrain.tasks import get_task, task_names
+    return [p.prompt for name in task_names(spec[5:])
+            for p in get_task(name).problems("train", count, seed)]
   from train.data import read_jsonl
   return [r["prompt"] for _, r in read_jsonl(spec, required=("prompt",))][:count]
+
+
+def sample_turns(model, tokenizer, conversations: list[list[dict]], seed: int = 0,
+                 temperature: float = 1.0, max_new_tokens: int = 64) -> list[str]:
+  """The next assistant turn of each conversation, sampled from `model` on the rollout path
+  (temperature 0: greedy), as message contents."""
+  import jax
+  from model.sampling import SamplingConfig
+  from posttrain import chat, rollout
+  pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0
+  sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens,
+                            stop_tokens=chat.stop_tokens(tokenizer), pad_token=pad)
+  ids = [chat.encode_prompt(tokenizer, c) for c in conversations]
+  out = rollout.sample(model, ids, sampling, jax.random.key(seed), batch_size=min(64, len(ids)))
+  return [chat.turn_content(rollout.response_text(tokenizer, t, "chat")) for t in out.tokens]
+
+
+def sample_pairs(policy, tokenizer, prompts: list[str], seed: int = 0, temperature: float = 1.0,
+                 max_new_tokens: int = 64) -> tuple[list[str], list[str]]:
+  """Two responses per user prompt sampled from `policy`: (first, second), one of each per
+  prompt."""
+  texts = sample_turns(policy, tokenizer, [[{"role": "user", "content": p}] for p in prompts
+                                           for _ in range(2)], seed, temperature, max_new_tokens)
+  return texts[0::2], texts[1::2]
 
 
 def label_policy_samples(judge, judge_tokenizer, policy, tokenizer, prompts: list[str],
@@ -104,18 +135,8 @@ def label_policy_samples(judge, judge_tokenizer, policy, tokenizer, prompts: lis
                          temperature: float = 1.0, max_new_tokens: int = 64):
   """RL-CAI: two sampled responses per prompt from `policy`, labelled by `judge` under `per_pair`
   principles drawn per pair; Preference records (the judge's favourite as "chosen")."""
-  import jax
-  from model.sampling import SamplingConfig
-  from posttrain import chat, rollout
   from posttrain.preferences import Preference
-  pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0
-  sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens,
-                            stop_tokens=chat.stop_tokens(tokenizer), pad_token=pad)
-  ids = [chat.encode_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-  out = rollout.sample(policy, [i for i in ids for _ in range(2)], sampling, jax.random.key(seed),
-                       batch_size=min(64, 2 * len(ids)))
-  texts = [chat.turn_content(rollout.response_text(tokenizer, t, "chat")) for t in out.tokens]
-  first, second = texts[0::2], texts[1::2]
+  first, second = sample_pairs(policy, tokenizer, prompts, seed, temperature, max_new_tokens)
   rng = np.random.default_rng([seed, 11])
   drawn = [list(rng.choice(principles, min(per_pair, len(principles)), replace=False))
            for _ in prompts]
@@ -129,18 +150,75 @@ def label_policy_samples(judge, judge_tokenizer, policy, tokenizer, prompts: lis
   return pairs
 
 
+CRITIQUE_REQUEST = "Critique: where does your last response fail this principle? {principle}"
+REVISION_REQUEST = "Rewrite your response so that it follows the principle: {principle}"
+
+
+def critique_revise(model, tokenizer, prompts: list[str], principles: list[str], rounds: int,
+                    seed: int = 0, temperature: float = 1.0,
+                    max_new_tokens: int = 64) -> list[dict]:
+  """SL-CAI: `model` answers each prompt, then for `rounds` rounds, under a principle drawn per
+  prompt and round, critiques its current response (CRITIQUE_REQUEST as the next user turn) and
+  rewrites it (REVISION_REQUEST); the rewrite becomes the current response. Each round sees only
+  the prompt, the current response and that round's critique. A round whose conversation would not
+  fit the model's context (with `max_new_tokens` to generate) is not run for that prompt; an empty
+  rewrite is recorded but keeps the current response.
+
+  Returns SFT records {"prompt", "completion" (the last revision), "initial", "rounds": [{
+  "principle", "critique", "revision"}]}; posttrain.sft reads them as {"prompt", "completion"}."""
+  from posttrain.chat import encode_prompt
+  rng = np.random.default_rng([seed, 17])
+  current = sample_turns(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
+                         seed, temperature, max_new_tokens)
+  records = [dict(prompt=p, completion=r, initial=r, rounds=[]) for p, r in zip(prompts, current)]
+  limit = model.cfg.max_seq_len - max_new_tokens
+  for r in range(rounds):
+    drawn = [str(rng.choice(principles)) for _ in prompts]
+    asks = [[{"role": "user", "content": p}, {"role": "assistant", "content": current[i]},
+             {"role": "user", "content": CRITIQUE_REQUEST.format(principle=drawn[i])}]
+            for i, p in enumerate(prompts)]
+    todo = [i for i, a in enumerate(asks) if len(encode_prompt(tokenizer, a)) <= limit]
+    if not todo:
+      break
+    critiques = sample_turns(model, tokenizer, [asks[i] for i in todo], seed + 1000 * (2 * r + 1),
+                             temperature, max_new_tokens)
+    revise = [asks[i] + [{"role": "assistant", "content": c},
+                         {"role": "user", "content": REVISION_REQUEST.format(principle=drawn[i])}]
+              for i, c in zip(todo, critiques)]
+    fits = [j for j, a in enumerate(revise) if len(encode_prompt(tokenizer, a)) <= limit]
+    revisions = sample_turns(model, tokenizer, [revise[j] for j in fits],
+                             seed + 1000 * (2 * r + 2), temperature, max_new_tokens) if fits else []
+    for j, text in zip(fits, revisions):
+      i = todo[j]
+      records[i]["rounds"].append(dict(principle=drawn[i], critique=critiques[j], revision=text))
+      if text.strip():  # An empty rewrite keeps the current response.
+        current[i] = records[i]["completion"] = text
+  return records
+
+
 def main(argv):
   del argv
+  import json
   from posttrain.preferences import write_preferences
   from posttrain.start import load_chat_model
+  from train.checkpoint import write_atomically
   from train.metrics import quiet_logging
   quiet_logging()
   f = flags.FLAGS
   principles = read_constitution(f.constitution) if f.constitution else list(DEFAULT_CONSTITUTION)
   policy, tokenizer = load_chat_model(f.policy)
+  prompts = read_prompts(f.prompts, f.n, f.seed)
+  if f.mode == "sl_cai":
+    records = critique_revise(policy, tokenizer, prompts, principles, f.rounds, f.seed,
+                              f.temperature, f.max_new_tokens)
+    write_atomically(f.out, "".join(json.dumps(r) + "\n" for r in records))
+    revised = sum(bool(r["rounds"]) for r in records)
+    print(f"{len(records)} SFT records ({revised} revised at least once) -> {f.out}", flush=True)
+    return
+  if not f.judge:
+    raise app.UsageError("--mode=rl_cai needs --judge")
   judge, judge_tokenizer = ((policy, tokenizer) if f.judge == f.policy
                             else load_chat_model(f.judge))
-  prompts = read_prompts(f.prompts, f.n, f.seed)
   pairs = label_policy_samples(judge, judge_tokenizer, policy, tokenizer, prompts, principles,
                                f.principles, f.seed, f.temperature, f.max_new_tokens)
   write_preferences(f.out, pairs)
@@ -150,16 +228,20 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags
-  flags.DEFINE_string("judge", None, "The judge checkpoint (any chat workdir or HF dir).",
+  flags.DEFINE_enum("mode", "rl_cai", ["rl_cai", "sl_cai"], "rl_cai: judge-labelled preference "
+                    "pairs; sl_cai: critique-and-revise SFT records.")
+  flags.DEFINE_string("judge", "", "rl_cai: the judge checkpoint (any chat workdir or HF dir).")
+  flags.DEFINE_string("policy", None, "The policy that samples (and, for sl_cai, critiques and "
+                      "revises).", required=True)
+  flags.DEFINE_string("prompts", None, "JSONL with a 'prompt' per line, or task:NAME[,NAME].",
                       required=True)
-  flags.DEFINE_string("policy", None, "The policy whose samples are labelled.", required=True)
-  flags.DEFINE_string("prompts", None, "JSONL with a 'prompt' per line, or task:NAME.",
+  flags.DEFINE_string("out", None, "Where to write the preference (rl_cai) or SFT (sl_cai) JSONL.",
                       required=True)
-  flags.DEFINE_string("out", None, "Where to write the preference JSONL.", required=True)
   flags.DEFINE_string("constitution", "", "Principles file; default: the built-in four.")
-  flags.DEFINE_integer("principles", 2, "Principles sampled per pair.")
-  flags.DEFINE_integer("n", 200, "Prompts to label.")
-  flags.DEFINE_float("temperature", 1.0, "Policy sampling temperature.")
-  flags.DEFINE_integer("max_new_tokens", 64, "Longest sampled response.")
+  flags.DEFINE_integer("principles", 2, "rl_cai: principles sampled per pair.")
+  flags.DEFINE_integer("rounds", 2, "sl_cai: critique-and-revise rounds per prompt.")
+  flags.DEFINE_integer("n", 200, "Prompts to use (per family with task:).")
+  flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+  flags.DEFINE_integer("max_new_tokens", 64, "Longest sampled turn.")
   flags.DEFINE_integer("seed", 0, "Sampling and principle seed.")
   app.run(main)

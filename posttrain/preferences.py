@@ -25,7 +25,8 @@ from posttrain.data import TRUNCATION, EpochBatches
 from posttrain.tasks import get_task, task_names
 from train.data import read_jsonl
 
-REJECTED_KINDS = ("wrong", "malformed", "rambling")
+REJECTED_KINDS = ("wrong", "malformed", "rambling", "unexplained")
+UNEXPLAINED = "I know this one."  # The whole reasoning of an "unexplained" variant.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +118,8 @@ def _wrong_answer(answer: str, rng: np.random.Generator) -> str:
 def rejected_variant(task, problem, kind: str, rng: np.random.Generator) -> str | None:
   """A worse response than `problem.solution` of the given kind, checked by the rules: "wrong"
   (the verifier rejects its answer), "malformed" (no `<think>` section), "rambling" (correct but
-  the reasoning said twice over). None when no such variant could be made."""
+  the reasoning said twice over), "unexplained" (well formed and correct, but the reasoning shows
+  no step). None when no such variant could be made."""
   parsed = parse_response(problem.solution)
   reasoning, answer = parsed.reasoning or "", parsed.answer
   if kind == "wrong":
@@ -131,6 +133,8 @@ def rejected_variant(task, problem, kind: str, rng: np.random.Generator) -> str 
     return None if parse_response(text).well_formed else text
   if kind == "rambling":
     return assistant_content(f"{reasoning} Let me say it again. {reasoning}", answer)
+  if kind == "unexplained":
+    return assistant_content(UNEXPLAINED, answer)
   raise ValueError(f"rejected kind must be one of {REJECTED_KINDS}, got {kind!r}")
 
 

@@ -57,7 +57,8 @@ def tokenizer_record(tokenizer) -> dict:
 def load_chat_model(path: str, workdir: str | None = None, execution: dict | None = None):
   """(model, tokenizer) of checkpoint `path` ready for chat: the tokenizer extended (written into
   `workdir` when given), the vocabulary grown to fit it, then the `execution` fields (dtype,
-  remat, kernels) applied. A LoRA workdir's adapters are merged in."""
+  remat, kernels; a context length `max_seq_len`, 0 or absent: the checkpoint's) applied. A LoRA
+  workdir's adapters are merged in."""
   model: Transformer = load_policy(path)
   base = load_tokenizer(path)
   if base.vocab_size > model.cfg.vocab_size:  # Growth is for the chat tokens only.
@@ -67,6 +68,7 @@ def load_chat_model(path: str, workdir: str | None = None, execution: dict | Non
   vocab = max(model.cfg.vocab_size, tokenizer.vocab_size)
   if vocab > model.cfg.vocab_size:
     model = grow_vocab(model, vocab)
+  execution = {k: v for k, v in (execution or {}).items() if not (k == "max_seq_len" and not v)}
   if execution:
     model = with_config(model, model.cfg.replace(**execution))
   return model, tokenizer

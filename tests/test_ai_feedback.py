@@ -1,13 +1,18 @@
 """AI feedback: the judge's answer probabilities against a direct computation, the
 order-averaged label's invariance to swapping the responses, constitution errors, and RL-CAI
-labels of policy samples that the preference readers take unchanged."""
+labels of policy samples that the preference readers take unchanged, and SL-CAI's
+critique-and-revise rounds replayed by hand."""
+
+import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from posttrain import ai_feedback
+from model.transformer import init_model, with_config
 from posttrain.chat import encode_prompt, encode_text
+from posttrain.data import read_chat_jsonl
 from posttrain.preferences import read_preferences, write_preferences
 from posttrain.start import load_chat_model
 from train.loss import sequence_logprobs
@@ -68,3 +73,43 @@ def test_rl_cai_labels_policy_samples_for_the_preference_paths(judge, tmp_path):
   path = str(tmp_path / "prefs.jsonl")
   write_preferences(path, pairs)
   assert [p.label for p in read_preferences(path)] == pytest.approx([p.label for p in pairs])
+
+
+def test_sl_cai_critiques_and_revises_in_the_documented_conversation(judge, tmp_path):
+  _, tok = judge  # Random weights: greedy turns that differ with the conversation.
+  model = init_model(judge[0].cfg.replace(max_seq_len=512), seed=1)  # Room for two rounds.
+  prompts = ai_feedback.read_prompts("task:arithmetic", 2)
+  principles = ["Be correct.", "Show steps."]
+  records = ai_feedback.critique_revise(model, tok, prompts, principles, rounds=2, temperature=0.0,
+                                        max_new_tokens=6)
+  # Replay greedily, building each round's conversation by hand from the recorded turns.
+  current = ai_feedback.sample_turns(model, tok, [[{"role": "user", "content": p}] for p in prompts],
+                                     temperature=0.0, max_new_tokens=6)
+  assert [r["initial"] for r in records] == current
+  for r in range(2):
+    asks = [[{"role": "user", "content": p}, {"role": "assistant", "content": current[i]},
+             {"role": "user", "content": "Critique: where does your last response fail this "
+                                         f"principle? {records[i]['rounds'][r]['principle']}"}]
+            for i, p in enumerate(prompts)]
+    critiques = ai_feedback.sample_turns(model, tok, asks, temperature=0.0, max_new_tokens=6)
+    revise = [a + [{"role": "assistant", "content": c},
+                   {"role": "user", "content": "Rewrite your response so that it follows the "
+                                               f"principle: {records[i]['rounds'][r]['principle']}"}]
+              for i, (a, c) in enumerate(zip(asks, critiques))]
+    revisions = ai_feedback.sample_turns(model, tok, revise, temperature=0.0, max_new_tokens=6)
+    for i, record in enumerate(records):
+      assert record["rounds"][r]["principle"] in principles
+      assert (record["rounds"][r]["critique"], record["rounds"][r]["revision"]) == (
+          critiques[i], revisions[i])
+    current = [v if v.strip() else c for v, c in zip(revisions, current)]
+  assert [r["completion"] for r in records] == current
+  # The records are SFT data as written.
+  path = tmp_path / "sl_cai.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  assert [m[-1]["content"] for m in read_chat_jsonl(str(path))] == current
+  # A round that does not fit the context is not run: the first answer stands.
+  room = len(encode_prompt(tok, [{"role": "user", "content": prompts[0]}])) + 6
+  short = with_config(model, model.cfg.replace(max_seq_len=room))
+  kept = ai_feedback.critique_revise(short, tok, prompts[:1], principles, 1, temperature=0.0,
+                                     max_new_tokens=6)
+  assert kept[0]["rounds"] == [] and kept[0]["completion"] == kept[0]["initial"]

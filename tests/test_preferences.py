@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from posttrain.chat import parse_response
-from posttrain.preferences import (PairBatches, Preference, encode_pairs, read_preferences,
-                                   task_preferences, write_preferences)
+from posttrain.preferences import (UNEXPLAINED, PairBatches, Preference, encode_pairs,
+                                   read_preferences, task_preferences, write_preferences)
 from posttrain.tasks import get_task
 from test_chat import CharTokenizer
 
@@ -43,8 +43,9 @@ def test_preference_record_forms_and_errors(tmp_path):
 
 
 def test_builtin_pairs_are_decided_by_the_verifier_and_the_format_rule():
-  pairs = task_preferences("arithmetic,countdown", "train", 40, seed=1)
-  assert {p.kind for p in pairs} == {"wrong", "malformed", "rambling"}
+  pairs = task_preferences("arithmetic,countdown", "train", 40, seed=1,
+                           kinds="wrong,malformed,rambling,unexplained")
+  assert {p.kind for p in pairs} == {"wrong", "malformed", "rambling", "unexplained"}
   problems = {t: {q.prompt: q for q in get_task(t).problems("train", 40, 1)}
               for t in ("arithmetic", "countdown")}
   for p in pairs:
@@ -56,6 +57,9 @@ def test_builtin_pairs_are_decided_by_the_verifier_and_the_format_rule():
       assert not get_task(task).verify(problem, rejected).correct
     elif p.kind == "malformed":
       assert not parse_response(rejected).well_formed
+    elif p.kind == "unexplained":
+      assert parse_response(rejected).reasoning == UNEXPLAINED
+      assert get_task(task).verify(problem, rejected).correct
     else:
       assert get_task(task).verify(problem, rejected).correct and len(rejected) > len(chosen)
   held_out = {p.prompt[0]["content"] for p in task_preferences("arithmetic", "test", 40, seed=1)}
