@@ -117,7 +117,10 @@ def sample_turns(model, tokenizer, conversations: list[list[dict]], seed: int = 
   sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens,
                             stop_tokens=chat.stop_tokens(tokenizer), pad_token=pad)
   ids = [chat.encode_prompt(tokenizer, c) for c in conversations]
-  out = rollout.sample(model, ids, sampling, jax.random.key(seed), batch_size=min(64, len(ids)))
+  # Widths rounded up to 32 tokens: conversations of similar length share one compiled shape.
+  width = min(-(-max(len(i) for i in ids) // 32) * 32, model.cfg.max_seq_len - max_new_tokens)
+  out = rollout.sample(model, ids, sampling, jax.random.key(seed), batch_size=min(64, len(ids)),
+                       width=max(width, max(len(i) for i in ids)))
   return [chat.turn_content(rollout.response_text(tokenizer, t, "chat")) for t in out.tokens]
 
 
@@ -134,9 +137,14 @@ def label_policy_samples(judge, judge_tokenizer, policy, tokenizer, prompts: lis
                          principles: list[str], per_pair: int, seed: int = 0,
                          temperature: float = 1.0, max_new_tokens: int = 64):
   """RL-CAI: two sampled responses per prompt from `policy`, labelled by `judge` under `per_pair`
-  principles drawn per pair; Preference records (the judge's favourite as "chosen")."""
+  principles drawn per pair; Preference records (the judge's favourite as "chosen"). A prompt
+  whose two samples are the same text makes no pair (its label would be exactly 0.5)."""
   from posttrain.preferences import Preference
   first, second = sample_pairs(policy, tokenizer, prompts, seed, temperature, max_new_tokens)
+  distinct = [i for i, (a, b) in enumerate(zip(first, second)) if a != b]
+  prompts, first, second = ([x[i] for i in distinct] for x in (prompts, first, second))
+  if not prompts:
+    return []
   rng = np.random.default_rng([seed, 11])
   drawn = [list(rng.choice(principles, min(per_pair, len(principles)), replace=False))
            for _ in prompts]
@@ -222,7 +230,8 @@ def main(argv):
   pairs = label_policy_samples(judge, judge_tokenizer, policy, tokenizer, prompts, principles,
                                f.principles, f.seed, f.temperature, f.max_new_tokens)
   write_preferences(f.out, pairs)
-  print(f"{len(pairs)} labelled pairs -> {f.out} (mean confidence "
+  print(f"{len(pairs)} labelled pairs of {len(prompts)} prompts (the rest sampled the same response "
+        f"twice) -> {f.out} (mean confidence "
         f"{np.mean([p.label for p in pairs]):.3f})", flush=True)
 
 
