@@ -214,7 +214,8 @@ def main(argv):
   quiet_logging()
   f = flags.FLAGS
   principles = read_constitution(f.constitution) if f.constitution else list(DEFAULT_CONSTITUTION)
-  policy, tokenizer = load_chat_model(f.policy)
+  context = dict(max_seq_len=f.max_seq_len)  # 0: each checkpoint's own.
+  policy, tokenizer = load_chat_model(f.policy, execution=context)
   prompts = read_prompts(f.prompts, f.n, f.seed)
   if f.mode == "sl_cai":
     records = critique_revise(policy, tokenizer, prompts, principles, f.rounds, f.seed,
@@ -226,7 +227,7 @@ def main(argv):
   if not f.judge:
     raise app.UsageError("--mode=rl_cai needs --judge")
   judge, judge_tokenizer = ((policy, tokenizer) if f.judge == f.policy
-                            else load_chat_model(f.judge))
+                            else load_chat_model(f.judge, execution=context))
   pairs = label_policy_samples(judge, judge_tokenizer, policy, tokenizer, prompts, principles,
                                f.principles, f.seed, f.temperature, f.max_new_tokens)
   write_preferences(f.out, pairs)
@@ -253,4 +254,6 @@ if __name__ == "__main__":
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
   flags.DEFINE_integer("max_new_tokens", 64, "Longest sampled turn.")
   flags.DEFINE_integer("seed", 0, "Sampling and principle seed.")
+  flags.DEFINE_integer("max_seq_len", 0, "Context length to run the models at (no weight depends "
+                       "on it; positions past the trained length are untrained); 0: their own.")
   app.run(main)
