@@ -4,7 +4,7 @@ a constitution's principles; the soft labels feed the reward-model and DPO paths
   python -m posttrain.ai_feedback --judge=CKPT --policy=CKPT --prompts=FILE --out=prefs.jsonl \
       [--constitution=FILE] [--principles=2]   # --prompts=task:arithmetic for built-in prompts
   python -m posttrain.ai_feedback --mode=sl_cai --policy=CKPT --prompts=FILE --out=sft.jsonl \
-      [--rounds=2]
+      [--rounds=2] [--max_seq_len=384]   # a tiny model's 128 tokens hold no round
 
 For each prompt the policy samples two responses. The judge sees one principle, the prompt and
 both responses as (A) and (B), and its preference is the normalised probability of the two
@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from posttrain.chat import encode_prompt, encode_text, strip_structure
+from posttrain.data import bucket_width
 from train.loss import jitted_logprobs
 
 ANSWERS = ("A", "B")
@@ -54,6 +55,20 @@ def judge_question(principle: str, prompt: str, response_a: str, response_b: str
   return f"{principle}\n{prompt}\nA: {response_a}\nB: {response_b}\nA or B?"
 
 
+def both_orders(principle: str, prompt: str, first: str, second: str) -> tuple[str, str]:
+  """The judge question about two responses with `first` as A, then with `first` as B (the
+  responses' structural tokens stripped, so they can stand inside a message)."""
+  a, b = strip_structure(first), strip_structure(second)
+  return judge_question(principle, prompt, a, b), judge_question(principle, prompt, b, a)
+
+
+def judge_fits(judge, tokenizer, question: str) -> bool:
+  """Whether `question` and the longer of the two answers fit the judge's context."""
+  answer = max(len(encode_text(tokenizer, a)) for a in ANSWERS)
+  prompt = encode_prompt(tokenizer, [{"role": "user", "content": question}])
+  return len(prompt) + answer <= judge.cfg.max_seq_len
+
+
 def prefer_a(judge, tokenizer, questions: list[str], batch_size: int = 16) -> np.ndarray:
   """P(A) for each judge question: the two answers' probabilities as the judge's assistant turn,
   normalised over the pair [N] (float64)."""
@@ -65,8 +80,9 @@ def prefer_a(judge, tokenizer, questions: list[str], batch_size: int = 16) -> np
   limit = judge.cfg.max_seq_len
   if max(len(t) for t, _ in rows) > limit:
     raise ValueError(f"a judge question is longer than the judge's max_seq_len {limit} tokens: "
-                     "sample shorter responses (--max_new_tokens)")
-  width = -(-max(len(t) for t, _ in rows) // 32) * 32
+                     "sample shorter responses (--max_new_tokens) or extend the context "
+                     "(--max_seq_len)")
+  width = bucket_width([len(t) for t, _ in rows], limit)
   sums = []
   for start in range(0, len(rows), 2 * batch_size):
     chunk = rows[start:start + 2 * batch_size]
@@ -86,8 +102,7 @@ def soft_labels(judge, tokenizer, prompts: list[str], first: list[str], second: 
   questions, owners = [], []
   for i, (p, a, b) in enumerate(zip(prompts, first, second)):
     for principle in principles[i]:
-      questions += [judge_question(principle, p, strip_structure(a), strip_structure(b)),
-                    judge_question(principle, p, strip_structure(b), strip_structure(a))]
+      questions += both_orders(principle, p, a, b)
       owners.append(i)
   pa = prefer_a(judge, tokenizer, questions, batch_size).reshape(-1, 2)
   per_principle = 0.5 * (pa[:, 0] + (1.0 - pa[:, 1]))
@@ -107,9 +122,11 @@ def read_prompts(spec: str, count: int, seed: int = 0) -> list[str]:
 
 
 def sample_turns(model, tokenizer, conversations: list[list[dict]], seed: int = 0,
-                 temperature: float = 1.0, max_new_tokens: int = 64) -> list[str]:
+                 temperature: float = 1.0, max_new_tokens: int = 64,
+                 batch_size: int | None = None) -> list[str]:
   """The next assistant turn of each conversation, sampled from `model` on the rollout path
-  (temperature 0: greedy), as message contents."""
+  (temperature 0: greedy), as message contents, in batches of `batch_size` rows (default: all of
+  them, at most 64)."""
   import jax
   from model.sampling import SamplingConfig
   from posttrain import chat, rollout
@@ -117,10 +134,10 @@ def sample_turns(model, tokenizer, conversations: list[list[dict]], seed: int = 
   sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens,
                             stop_tokens=chat.stop_tokens(tokenizer), pad_token=pad)
   ids = [chat.encode_prompt(tokenizer, c) for c in conversations]
-  # Widths rounded up to 32 tokens: conversations of similar length share one compiled shape.
-  width = min(-(-max(len(i) for i in ids) // 32) * 32, model.cfg.max_seq_len - max_new_tokens)
-  out = rollout.sample(model, ids, sampling, jax.random.key(seed), batch_size=min(64, len(ids)),
-                       width=max(width, max(len(i) for i in ids)))
+  out = rollout.sample(model, ids, sampling, jax.random.key(seed),
+                       batch_size=batch_size or min(64, len(ids)),
+                       width=bucket_width([len(i) for i in ids],
+                                          model.cfg.max_seq_len - max_new_tokens))
   return [chat.turn_content(rollout.response_text(tokenizer, t, "chat")) for t in out.tokens]
 
 
@@ -174,10 +191,10 @@ def critique_revise(model, tokenizer, prompts: list[str], principles: list[str],
 
   Returns SFT records {"prompt", "completion" (the last revision), "initial", "rounds": [{
   "principle", "critique", "revision"}]}; posttrain.sft reads them as {"prompt", "completion"}."""
-  from posttrain.chat import encode_prompt
   rng = np.random.default_rng([seed, 17])
+  rows = min(64, len(prompts))  # One batch size for every round: shared compiled shapes.
   current = sample_turns(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
-                         seed, temperature, max_new_tokens)
+                         seed, temperature, max_new_tokens, rows)
   records = [dict(prompt=p, completion=r, initial=r, rounds=[]) for p, r in zip(prompts, current)]
   limit = model.cfg.max_seq_len - max_new_tokens
   for r in range(rounds):
@@ -189,13 +206,14 @@ def critique_revise(model, tokenizer, prompts: list[str], principles: list[str],
     if not todo:
       break
     critiques = sample_turns(model, tokenizer, [asks[i] for i in todo], seed + 1000 * (2 * r + 1),
-                             temperature, max_new_tokens)
+                             temperature, max_new_tokens, rows)
     revise = [asks[i] + [{"role": "assistant", "content": c},
                          {"role": "user", "content": REVISION_REQUEST.format(principle=drawn[i])}]
               for i, c in zip(todo, critiques)]
     fits = [j for j, a in enumerate(revise) if len(encode_prompt(tokenizer, a)) <= limit]
     revisions = sample_turns(model, tokenizer, [revise[j] for j in fits],
-                             seed + 1000 * (2 * r + 2), temperature, max_new_tokens) if fits else []
+                             seed + 1000 * (2 * r + 2), temperature, max_new_tokens,
+                             rows) if fits else []
     for j, text in zip(fits, revisions):
       i = todo[j]
       records[i]["rounds"].append(dict(principle=drawn[i], critique=critiques[j], revision=text))
@@ -220,9 +238,14 @@ def main(argv):
   if f.mode == "sl_cai":
     records = critique_revise(policy, tokenizer, prompts, principles, f.rounds, f.seed,
                               f.temperature, f.max_new_tokens)
-    write_atomically(f.out, "".join(json.dumps(r) + "\n" for r in records))
-    revised = sum(bool(r["rounds"]) for r in records)
-    print(f"{len(records)} SFT records ({revised} revised at least once) -> {f.out}", flush=True)
+    revised = [r for r in records if any(x["revision"].strip() for x in r["rounds"])]
+    if not revised:
+      raise ValueError(f"no response was revised: a critique-and-revise conversation does not fit "
+                       f"the context ({policy.cfg.max_seq_len} tokens with {f.max_new_tokens} to "
+                       "generate); raise --max_seq_len")
+    write_atomically(f.out, "".join(json.dumps(r) + "\n" for r in revised))
+    print(f"{len(revised)} revised SFT records of {len(records)} prompts (the rest did not fit "
+          f"the context or were never rewritten) -> {f.out}", flush=True)
     return
   if not f.judge:
     raise app.UsageError("--mode=rl_cai needs --judge")
@@ -230,6 +253,9 @@ def main(argv):
                             else load_chat_model(f.judge, execution=context))
   pairs = label_policy_samples(judge, judge_tokenizer, policy, tokenizer, prompts, principles,
                                f.principles, f.seed, f.temperature, f.max_new_tokens)
+  if not pairs:
+    raise ValueError("every prompt sampled the same response twice: nothing to label (raise "
+                     "--temperature)")
   write_preferences(f.out, pairs)
   print(f"{len(pairs)} labelled pairs of {len(prompts)} prompts (the rest sampled the same response "
         f"twice) -> {f.out} (mean confidence "

@@ -20,6 +20,14 @@ from train.data import read_jsonl
 TRUNCATION = ("truncate", "drop")
 
 
+def bucket_width(lengths, limit: int, multiple: int = 32) -> int:
+  """The padded width of rows of these lengths: the longest rounded up to a multiple of
+  `multiple`, so calls of similar lengths share one compiled shape, but not past `limit` (nor
+  below the longest)."""
+  longest = max(lengths)
+  return max(longest, min(limit, -(-longest // multiple) * multiple))
+
+
 def record_messages(record: dict, where: str) -> list[dict]:
   """A chat example from a record: {"messages": [...]} or {"prompt", "completion"} (strings, or
   message lists as in TRL's conversational form). ValueError naming `where` and the field."""

@@ -24,28 +24,38 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 
 import numpy as np
 
-from posttrain.ai_feedback import DEFAULT_CONSTITUTION, judge_question, sample_pairs, soft_labels
-from posttrain.chat import encode_prompt, parse_response, strip_structure
+from posttrain.ai_feedback import DEFAULT_CONSTITUTION, both_orders, judge_fits, sample_pairs
+from posttrain.ai_feedback import soft_labels
+from posttrain.chat import parse_response
 from posttrain.preferences import REJECTED_KINDS, rejected_variant
 from posttrain.tasks import get_task, task_names
+from posttrain.tasks.arithmetic import shown_steps
 
 # The built-in principles by short name, in DEFAULT_CONSTITUTION's order.
 PRINCIPLES = dict(zip(("correct", "steps", "concise", "format"), DEFAULT_CONSTITUTION))
-_EQUATION = re.compile(r"-?\d+ ?[-+*/] ?-?\d+ ?= ?-?\d+")
+
+
+def repeated_tail(steps: list) -> int:
+  """The length of the longest run of steps that ends the list right after an identical run:
+  reasoning said twice over (3 for [a, b, c, a, b, c]); a step that merely recurs, as in
+  [a, b, a], is no repeat."""
+  return max((k for k in range(1, len(steps) // 2 + 1) if steps[-k:] == steps[-2 * k:-k]),
+             default=0)
 
 
 def rule_scores(task, problem, text: str) -> dict[str, float]:
   """How well `text` follows each built-in principle, higher is better: correct (the verifier's
-  score), steps (1 when at least one worked equation "a op b = c" is shown), concise (minus the
-  number of repeated equations), format (1 when `<think>reasoning</think>answer`)."""
-  equations = _EQUATION.findall(text)
+  score), steps (1 when at least one worked step "a op b = c" is shown), concise (minus the
+  steps repeated at the end of the reasoning, `repeated_tail`), format (1 when
+  `<think>reasoning</think>answer`). The step rules read the arithmetic and countdown families'
+  steps; other families score 0 on both."""
+  steps = shown_steps(text)
   return dict(correct=float(task.verify(problem, text).score),
-              steps=1.0 if equations else 0.0,
-              concise=-float(len(equations) - len(set(equations))),
+              steps=1.0 if steps else 0.0,
+              concise=-float(repeated_tail(steps)),
               format=1.0 if parse_response(text).well_formed else 0.0)
 
 
@@ -98,14 +108,12 @@ def judging_chats(pairs: list[JudgedPair], principles: list[str]) -> list[dict]:
   Records are {"messages", "principle", "source"}."""
   records = []
   for pair in pairs:
-    first, second = strip_structure(pair.first), strip_structure(pair.second)
     for name in principles:
       verdict = pair.verdicts[name]
       if verdict == 0:
         continue
-      for a, b, first_is_a in ((first, second, True), (second, first, False)):
-        answer = "A" if (verdict > 0) == first_is_a else "B"
-        question = judge_question(PRINCIPLES[name], pair.prompt, a, b)
+      questions = both_orders(PRINCIPLES[name], pair.prompt, pair.first, pair.second)
+      for question, answer in zip(questions, ("A", "B") if verdict > 0 else ("B", "A")):
         records.append(dict(messages=[{"role": "user", "content": question},
                                       {"role": "assistant", "content": answer}],
                             principle=name, source=pair.source))
@@ -114,26 +122,22 @@ def judging_chats(pairs: list[JudgedPair], principles: list[str]) -> list[dict]:
 
 def agreement(judge, tokenizer, pairs: list[JudgedPair], principles: list[str]) -> dict:
   """How often the judge's order-averaged label (ai_feedback.soft_labels) picks the rule's choice,
-  per principle, over the pairs the rule decides and whose question fits the judge's context:
-  {principle: {"pairs", "agreement", "by_source": {source: agreement}}}."""
-  limit = judge.cfg.max_seq_len - 2  # Room for the answer token.
+  per principle, over the pairs the rule decides and whose questions fit the judge's context (a
+  label of exactly 0.5, no preference, counts half): {principle: {"pairs", "agreement",
+  "by_source": {source: agreement}}}."""
   out = {}
   for name in principles:
-    decided = []
-    for p in pairs:
-      if p.verdicts[name] == 0:
-        continue
-      question = judge_question(PRINCIPLES[name], p.prompt, strip_structure(p.first),
-                                strip_structure(p.second))
-      if len(encode_prompt(tokenizer, [{"role": "user", "content": question}])) <= limit:
-        decided.append(p)
+    decided = [p for p in pairs if p.verdicts[name] != 0 and all(
+        judge_fits(judge, tokenizer, q)
+        for q in both_orders(PRINCIPLES[name], p.prompt, p.first, p.second))]
     if not decided:
       out[name] = dict(pairs=0, agreement=None, by_source={})
       continue
     labels = soft_labels(judge, tokenizer, [p.prompt for p in decided],
                          [p.first for p in decided], [p.second for p in decided],
                          [[PRINCIPLES[name]]] * len(decided))
-    agree = (labels > 0.5) == np.array([p.verdicts[name] > 0 for p in decided])
+    first_better = np.array([p.verdicts[name] > 0 for p in decided])
+    agree = np.where(labels == 0.5, 0.5, ((labels > 0.5) == first_better).astype(float))
     sources = sorted({p.source for p in decided})
     out[name] = dict(pairs=len(decided), agreement=float(agree.mean()), by_source={
         s: float(agree[[p.source == s for p in decided]].mean()) for s in sources})
@@ -173,8 +177,6 @@ def main(argv):
   if not f.judge:
     raise app.UsageError("agreement needs --judge")
   judge, judge_tokenizer = load_chat_model(f.judge)
-  if policy is not None and tokenizer.vocab_size != judge_tokenizer.vocab_size:
-    raise ValueError(f"--policy {f.policy} and --judge {f.judge} have different tokenizers")
   pairs = judged_pairs(f.tasks, "test", f.problems, f.seed, policy, tokenizer)
   result = agreement(judge, judge_tokenizer, pairs, list(PRINCIPLES))
   for name, r in result.items():

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.transformer import Transformer
+from model.transformer import Transformer, with_config
 from model.vocab import grow_vocab
 from posttrain.heads import head_kind, load_scored_model
 from train.checkpoint import load_model, restore_weights, save_weights
@@ -189,6 +189,8 @@ def load_policy(path: str) -> Transformer:
     state = nnx.state(base, kind)
     nnx.replace_by_pure_dict(state, values)
     nnx.update(base, state)
+  if run_config["model"]["max_seq_len"] != base.cfg.max_seq_len:  # The run's context override.
+    base = with_config(base, base.cfg.replace(max_seq_len=run_config["model"]["max_seq_len"]))
   return base
 
 

@@ -128,8 +128,14 @@ def _write_json(path: str, value) -> None:
 
 
 def _fingerprint(c: ml_collections.ConfigDict, name: str) -> str:
-  """A hash of what decides stage `name`'s result: its config and the evaluation settings."""
-  text = c[name].to_json(sort_keys=True) + c.eval.to_json(sort_keys=True)
+  """A hash of what decides stage `name`'s result: its config and the evaluation settings. An
+  unset context override (model_overrides.max_seq_len 0) is left out, so stages finished before
+  that field existed keep their fingerprints."""
+  stage = c[name].to_dict()
+  if not stage.get("model_overrides", {}).get("max_seq_len", 1):
+    del stage["model_overrides"]["max_seq_len"]
+  text = (ml_collections.ConfigDict(stage).to_json(sort_keys=True)
+          + c.eval.to_json(sort_keys=True))
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

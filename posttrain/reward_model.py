@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from posttrain.chat import encode_chat, turn_content
+from posttrain.data import bucket_width
 from posttrain.heads import ScoredModel, last_token_scores, load_scored_model
 from posttrain.preferences import pair_data
 from posttrain.start import load_chat_model, tokenizer_record
@@ -106,7 +107,7 @@ def score_chats(model: ScoredModel, tokenizer, chats, batch_size: int = 32) -> n
   so calls of similar lengths share one compiled shape; longer chats keep their first tokens."""
   limit = model.cfg.max_seq_len
   encoded = [encode_chat(tokenizer, m)[0][:limit] for m in chats]
-  width = min(limit, -(-max(len(t) for t in encoded) // 32) * 32)
+  width = bucket_width([len(t) for t in encoded], limit)
   out = []
   for start in range(0, len(encoded), batch_size):
     chunk = encoded[start:start + batch_size]

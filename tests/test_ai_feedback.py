@@ -68,8 +68,15 @@ def test_rl_cai_labels_policy_samples_for_the_preference_paths(judge, tmp_path):
   pairs = ai_feedback.label_policy_samples(model, tok, model, tok, prompts,
                                            ["Be correct.", "Be brief.", "Show steps."], 2,
                                            max_new_tokens=6)
-  assert len(pairs) == 4 and all(0.5 <= p.label <= 1.0 for p in pairs)
-  assert [p.prompt[0]["content"] for p in pairs] == prompts
+  first, second = ai_feedback.sample_pairs(model, tok, prompts, max_new_tokens=6)  # Same seed.
+  distinct = [i for i in range(4) if first[i] != second[i]]
+  assert len(pairs) == len(distinct) > 0 and all(0.5 <= p.label <= 1.0 for p in pairs)
+  assert [p.prompt[0]["content"] for p in pairs] == [prompts[i] for i in distinct]
+  for p, i in zip(pairs, distinct):
+    assert {p.chosen[0]["content"], p.rejected[0]["content"]} == {first[i], second[i]}
+  # Greedy samples are the same text twice: no pair carries a preference.
+  assert ai_feedback.label_policy_samples(model, tok, model, tok, prompts, ["Be brief."], 1,
+                                          temperature=0.0, max_new_tokens=6) == []
   path = str(tmp_path / "prefs.jsonl")
   write_preferences(path, pairs)
   assert [p.label for p in read_preferences(path)] == pytest.approx([p.label for p in pairs])
@@ -103,13 +110,21 @@ def test_sl_cai_critiques_and_revises_in_the_documented_conversation(judge, tmp_
           critiques[i], revisions[i])
     current = [v if v.strip() else c for v, c in zip(revisions, current)]
   assert [r["completion"] for r in records] == current
+  assert any(x["revision"].strip() for r in records for x in r["rounds"])
   # The records are SFT data as written.
   path = tmp_path / "sl_cai.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
   assert [m[-1]["content"] for m in read_chat_jsonl(str(path))] == current
   # A round that does not fit the context is not run: the first answer stands.
-  room = len(encode_prompt(tok, [{"role": "user", "content": prompts[0]}])) + 6
-  short = with_config(model, model.cfg.replace(max_seq_len=room))
-  kept = ai_feedback.critique_revise(short, tok, prompts[:1], principles, 1, temperature=0.0,
-                                     max_new_tokens=6)
-  assert kept[0]["rounds"] == [] and kept[0]["completion"] == kept[0]["initial"]
+  # A round that does not fit the context is not run: the first answer stands. Where the
+  # critique fits but the rewrite does not, the round is not recorded either.
+  first = [{"role": "user", "content": prompts[0]}]
+  ask = first + [{"role": "assistant", "content": records[0]["initial"]},
+                 {"role": "user", "content": ai_feedback.CRITIQUE_REQUEST.format(
+                     principle="Show steps.")}]
+  for room in (len(encode_prompt(tok, first)), len(encode_prompt(tok, ask))):
+    short = with_config(model, model.cfg.replace(max_seq_len=room + 6))
+    kept = ai_feedback.critique_revise(short, tok, prompts[:1], ["Show steps."], 1,
+                                       temperature=0.0, max_new_tokens=6)
+    assert kept[0]["initial"] == records[0]["initial"]
+    assert kept[0]["rounds"] == [] and kept[0]["completion"] == kept[0]["initial"]

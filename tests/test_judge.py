@@ -40,6 +40,13 @@ def test_rules_score_each_principle_by_hand():
                                                              format=1.0)
 
 
+def test_a_repeat_is_reasoning_said_twice_at_the_end():
+  assert judge.repeated_tail(list("abcabc")) == 3
+  assert judge.repeated_tail(list("aa")) == 1
+  assert judge.repeated_tail(list("aba")) == 0 and judge.repeated_tail([]) == 0
+  assert judge.repeated_tail(list("xabab")) == 2
+
+
 def test_judging_examples_come_in_both_orders_without_ties_or_held_out_principles():
   pairs = judge.judged_pairs("arithmetic", "train", 4, seed=0)
   assert {p.source for p in pairs} == {f"variant:{k}" for k in
