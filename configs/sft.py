@@ -47,7 +47,7 @@ def get_config(arg=None):
     c.data.update(source="jsonl", seq_len=256, batch_size=8)
     c.model_overrides.max_seq_len = 256  # A judge question holds two responses.
     c.optimizer.update(peak_lr=3e-4, warmup_steps=20)
-    c.total_steps, c.eval_every = 400, 0
+    c.total_steps, c.eval_every = 2000, 0
   elif arg:
     raise ValueError(f"configs/sft.py: unknown variant {arg!r}; known: judge, lora")
   return c
