@@ -17,7 +17,7 @@ from flax import nnx
 
 from model.transformer import Transformer, with_config
 from model.vocab import grow_vocab
-from posttrain.chat import SPECIAL_TOKENS, chat_tokenizer_file
+from posttrain.chat import SPECIAL_TOKENS, add_special_tokens_sentencepiece, chat_tokenizer_file
 from posttrain.lora import load_policy
 from train.step import ModelTemplate
 from train.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
@@ -30,7 +30,8 @@ def has_chat_tokens(tokenizer) -> bool:
 
 def chat_tokenizer(tokenizer, workdir: str | None = None):
   """`tokenizer` with the chat special tokens. With `workdir`, its DIR/tokenizer.model (or
-  tokenizer.json) is written once and reused on later runs; without, it is built in memory."""
+  tokenizer.json) is written once and reused on later runs; without, it is built in memory (a HF
+  tokenizer in a temporary directory: its file is what a later write copies)."""
   if has_chat_tokens(tokenizer) and workdir is None:
     return tokenizer
   if workdir is not None:
@@ -38,6 +39,8 @@ def chat_tokenizer(tokenizer, workdir: str | None = None):
     path = os.path.join(workdir, name)
     if not os.path.exists(path):
       path = chat_tokenizer_file(tokenizer, workdir)
+  elif isinstance(tokenizer, SentencePieceTokenizer):  # In memory: no file to leave behind.
+    return SentencePieceTokenizer(add_special_tokens_sentencepiece(tokenizer.model_proto))
   else:
     path = chat_tokenizer_file(tokenizer, tempfile.mkdtemp(prefix="chat_tokenizer_"))
   if path.endswith(".model"):
