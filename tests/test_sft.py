@@ -14,7 +14,8 @@ from flax import nnx
 from conftest import small_config
 from model.transformer import init_model
 from posttrain import lora
-from posttrain.data import PackedBatches, pack_rows, packed_batch, prepare, read_chat_jsonl
+from posttrain.data import (PackedBatches, bucket_width, pack_rows, packed_batch, prepare,
+                            read_chat_jsonl)
 from posttrain.eval import pass_at_k
 
 
@@ -48,6 +49,12 @@ def test_packing_keeps_examples_whole_and_masks_assistant_targets():
         k = t + 1 - start
         expected = float(examples.masks[i][k]) if k < len(examples.tokens[i]) else 0.0
       assert batch["loss_mask"][b, t] == expected, (b, t)
+
+
+def test_bucket_width_rounds_up_within_the_limit():
+  assert bucket_width([3, 40], 128) == 64 and bucket_width([64], 128) == 64
+  assert bucket_width([120], 128) == 128 and bucket_width([120], 125) == 125
+  assert bucket_width([130], 128) == 130  # Never below the longest row.
 
 
 def test_truncation_policy_is_applied_and_counted():
