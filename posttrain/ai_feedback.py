@@ -193,32 +193,35 @@ def critique_revise(model, tokenizer, prompts: list[str], principles: list[str],
   "principle", "critique", "revision"}]}; posttrain.sft reads them as {"prompt", "completion"}."""
   rng = np.random.default_rng([seed, 17])
   rows = min(64, len(prompts))  # One batch size for every round: shared compiled shapes.
-  current = sample_turns(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
-                         seed, temperature, max_new_tokens, rows)
-  records = [dict(prompt=p, completion=r, initial=r, rounds=[]) for p, r in zip(prompts, current)]
+  first = sample_turns(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
+                       seed, temperature, max_new_tokens, rows)
+  records = [dict(prompt=p, completion=r, initial=r, rounds=[]) for p, r in zip(prompts, first)]
   limit = model.cfg.max_seq_len - max_new_tokens
+  fits = lambda conversation: len(encode_prompt(tokenizer, conversation)) <= limit
   for r in range(rounds):
     drawn = [str(rng.choice(principles)) for _ in prompts]
-    asks = [[{"role": "user", "content": p}, {"role": "assistant", "content": current[i]},
+    asks = [[{"role": "user", "content": rec["prompt"]},
+             {"role": "assistant", "content": rec["completion"]},
              {"role": "user", "content": CRITIQUE_REQUEST.format(principle=drawn[i])}]
-            for i, p in enumerate(prompts)]
-    todo = [i for i, a in enumerate(asks) if len(encode_prompt(tokenizer, a)) <= limit]
-    if not todo:
+            for i, rec in enumerate(records)]
+    critiqued = [i for i, a in enumerate(asks) if fits(a)]  # Prompt indices.
+    if not critiqued:
       break
-    critiques = sample_turns(model, tokenizer, [asks[i] for i in todo], seed + 1000 * (2 * r + 1),
-                             temperature, max_new_tokens, rows)
+    critiques = sample_turns(model, tokenizer, [asks[i] for i in critiqued],
+                             seed + 1000 * (2 * r + 1), temperature, max_new_tokens, rows)
     revise = [asks[i] + [{"role": "assistant", "content": c},
                          {"role": "user", "content": REVISION_REQUEST.format(principle=drawn[i])}]
-              for i, c in zip(todo, critiques)]
-    fits = [j for j, a in enumerate(revise) if len(encode_prompt(tokenizer, a)) <= limit]
-    revisions = sample_turns(model, tokenizer, [revise[j] for j in fits],
+              for i, c in zip(critiqued, critiques)]
+    revised = [j for j, a in enumerate(revise) if fits(a)]  # Indices into `critiqued`.
+    revisions = sample_turns(model, tokenizer, [revise[j] for j in revised],
                              seed + 1000 * (2 * r + 2), temperature, max_new_tokens,
-                             rows) if fits else []
-    for j, text in zip(fits, revisions):
-      i = todo[j]
-      records[i]["rounds"].append(dict(principle=drawn[i], critique=critiques[j], revision=text))
+                             rows) if revised else []
+    for j, text in zip(revised, revisions):
+      record = records[critiqued[j]]
+      record["rounds"].append(dict(principle=drawn[critiqued[j]], critique=critiques[j],
+                                   revision=text))
       if text.strip():  # An empty rewrite keeps the current response.
-        current[i] = records[i]["completion"] = text
+        record["completion"] = text
   return records
 
 
