@@ -8,7 +8,8 @@
 `reward` is the task verifier's score on the final turn (0 before it). `run_episodes` (below)
 samples many episodes at once through posttrain/rollout.py, the one sampling path: sampled tokens
 carry the sampler's log-probs and loss weight 1; observation tokens, which the model did not
-produce, weight 0.
+produce, weight 0. With `record_experts` (routing replay) each episode also carries the experts
+every token was routed to, over its whole prompt and response.
 """
 
 from __future__ import annotations
@@ -122,13 +123,19 @@ def observation_tokens(tokenizer, messages: list[dict]) -> list[int]:
 
 def run_episodes(model, tokenizer, envs: Sequence[Environment], problems: Sequence[Problem],
                  sampling: SamplingConfig, key, max_total_tokens: int, batch_size: int = 64,
-                 width: int | None = None, workers: int | None = None) -> Episodes:
+                 width: int | None = None, workers: int | None = None,
+                 record_experts: bool = False) -> Episodes:
   """Runs one episode per (env, problem) with the policy `model`: each turn samples every live
   episode's next assistant turn (`sampling.max_new_tokens` at most) in fixed-shape batches, then
   steps the environments (in a thread pool: tool calls run in parallel sandboxes). An episode
   ends when its environment says done, or is cut (truncated) when its tokens after the prompt
   would pass `max_total_tokens`. `width`: every turn's padded prompt width (default the longest
-  prompt + max_total_tokens); the model must hold width + sampling.max_new_tokens tokens."""
+  prompt + max_total_tokens); the model must hold width + sampling.max_new_tokens tokens.
+
+  `record_experts`: every turn re-reads the episode so far (prefill) before sampling its turn, so
+  the last turn's record covers every token: earlier turns and observations as its prefill routed
+  them (in float32 the same experts their own turn's decode chose), its own tokens as decoded.
+  The episode's last token, never fed, stays -1."""
   if len(envs) != len(problems):
     raise ValueError(f"run_episodes: {len(envs)} environments for {len(problems)} problems")
   prompts = [chat.encode_prompt(tokenizer, env.reset(p)) for env, p in zip(envs, problems)]
@@ -137,17 +144,21 @@ def run_episodes(model, tokenizer, envs: Sequence[Environment], problems: Sequen
   suffix = [[] for _ in range(n)]
   masks, logprobs = [[] for _ in range(n)], [[] for _ in range(n)]
   final, rewards, turns = [""] * n, [0.0] * n, [0] * n
+  experts = [None] * n  # With record_experts: [moe layers, tokens so far, K] per episode.
   done, truncated = [False] * n, [False] * n
   turn = 0
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers or 8) as pool:
     while not all(done):  # Each turn adds tokens: the budget ends every episode eventually.
       live = [i for i in range(n) if not done[i]]
       out = rollout.sample(model, [prompts[i] + suffix[i] for i in live], sampling,
-                           jax.random.fold_in(key, turn), min(batch_size, len(live)), width=width)
+                           jax.random.fold_in(key, turn), min(batch_size, len(live)), width=width,
+                           record_experts=record_experts)
       texts = [rollout.response_text(tokenizer, ids, "chat") for ids in out.tokens]
       steps = list(pool.map(lambda a: envs[a[0]].step(a[1]), zip(live, texts)))
       for j, i in enumerate(live):
         ids, observation_msgs, reward, finished = out.tokens[j], *steps[j]
+        if out.experts is not None:  # The latest turn's record covers the whole episode.
+          experts[i] = out.experts[j]
         turns[i] += 1
         final[i], rewards[i] = texts[j], reward
         room = max_total_tokens - len(suffix[i])
@@ -165,6 +176,10 @@ def run_episodes(model, tokenizer, envs: Sequence[Environment], problems: Sequen
         masks[i] += [0.0] * len(more)
         logprobs[i] += [0.0] * len(more)
       turn += 1
+  recorded = experts[0] is not None  # Only when asked for and the model routes.
+  if recorded:  # Cut to the episode's tokens (its last turn may have been cut).
+    experts = [e[:, :len(p) + len(s)] for e, p, s in zip(experts, prompts, suffix)]
   responses = rollout.Responses(suffix, [np.asarray(x, np.float32) for x in logprobs], truncated,
-                                loss_mask=[np.asarray(m, np.float32) for m in masks])
+                                loss_mask=[np.asarray(m, np.float32) for m in masks],
+                                experts=experts if recorded else None)
   return Episodes(prompts, responses, final, rewards, turns)

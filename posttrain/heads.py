@@ -34,9 +34,10 @@ class ScoredModel(nnx.Module):
   def cfg(self):
     return self.trunk.cfg
 
-  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
-    """(scores [B, T] float32, the trunk's ModelOutput)."""
-    out = self.trunk(tokens_BT, positions_BT, segment_ids_BT)
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, replay_LBTK=None):
+    """(scores [B, T] float32, the trunk's ModelOutput). `replay_LBTK`: recorded experts per MoE
+    layer (routing replay, as for the Transformer)."""
+    out = self.trunk(tokens_BT, positions_BT, segment_ids_BT, replay_LBTK)
     scores_BT = out.hidden.astype(jnp.float32) @ self.score[...] + self.score_bias[...]
     return scores_BT, out
 

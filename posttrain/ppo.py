@@ -99,7 +99,8 @@ class PpoBatches(RolloutBatches):
   def __init__(self, *args, ppo: PpoConfig, reference, **kwargs):
     super().__init__(*args, **kwargs)
     self.ppo, self.reference, self.kl_coef = ppo, reference, ppo.kl_coef
-    self._values = nnx.jit(lambda model, tokens: token_values(model(tokens)[0]))
+    self._values = nnx.jit(lambda model, tokens, replay: token_values(
+        model(tokens, replay_LBTK=replay)[0]))
 
   def get_state(self) -> dict:
     return dict(super().get_state(), kl_coef=self.kl_coef)
@@ -108,7 +109,7 @@ class PpoBatches(RolloutBatches):
     super().set_state(state)
     self.kl_coef = float(state["kl_coef"])
 
-  def _targets(self, policy, tokens, mask, old, rewards_PG):
+  def _targets(self, policy, tokens, mask, old, rewards_PG, replay):
     p = self.ppo
     scores = np.asarray(rewards_PG, np.float64).reshape(-1)
     finite = np.isfinite(scores)
@@ -124,7 +125,8 @@ class PpoBatches(RolloutBatches):
       steps = np.flatnonzero(mask[b] > 0)
       if steps.size:
         rewards_BT[b, steps[-1]] += scores[b]
-    values = np.asarray(self._values(policy, tokens), np.float64) * mask
+    replay_LBTK = None if replay is None else np.swapaxes(replay, 0, 1)
+    values = np.asarray(self._values(policy, tokens, replay_LBTK), np.float64) * mask
     adv, returns = gae(rewards_BT, values, mask, p.gamma, p.lam)
     on = mask > 0
     if on.sum() > 1:  # Whitened over the batch's completion tokens.
@@ -148,7 +150,8 @@ def ppo_loss(cfg: PpoConfig, temperature: float = 1.0):
   def loss_fn(model, batch, frozen, step):
     del frozen, step
     tokens, mask = batch["tokens"], batch["completion_mask"]
-    scores, out = model(tokens)
+    replay = batch.get("replay_experts")  # Routing replay: [B, L, T, K] -> [L, B, T, K].
+    scores, out = model(tokens, replay_LBTK=None if replay is None else jnp.swapaxes(replay, 0, 1))
     logp = token_logprobs(out.logits, tokens, mask, temperature)
     policy_BT, clip = token_losses(surrogate, logp, batch["old_logprobs"], batch["advantages"],
                                    mask)

@@ -170,14 +170,15 @@ class RolloutBatches:
     g = self.cfg.samples
     prompts = [self.prompt_ids[i] for i in indices for _ in range(g)]
     problems = [self.problems[i] for i in indices for _ in range(g)]
+    replay = self.cfg.routing_replay and policy.cfg.num_moe_layers > 0
     if self.environment is not None:  # Multi-turn: rewards score each episode's last turn.
       episodes = run_episodes(policy, self.tokenizer, [self.environment(p) for p in problems],
                               problems, self.sampling, key, self.cfg.max_new_tokens,
-                              min(self.cfg.batch_size, len(prompts)), width=self.width)
+                              min(self.cfg.batch_size, len(prompts)), width=self.width,
+                              record_experts=replay)
       out, texts = episodes.responses, episodes.final_texts
       self._turns.extend(episodes.turns)
     else:
-      replay = self.cfg.routing_replay and policy.cfg.num_moe_layers > 0
       out = rollout.sample(policy, prompts, self.sampling, key,
                            min(self.cfg.batch_size, len(prompts)), record_experts=replay)
       texts = [rollout.response_text(self.tokenizer, ids, "chat") for ids in out.tokens]
@@ -245,7 +246,8 @@ class RolloutBatches:
           replay[row, :, :record.shape[1]] = record
     old = np.asarray(jax.device_get(jitted_logprobs(
         language_model(policy), tokens, mask, cfg.temperature, replay if recorded else None)[0]))
-    targets, target_metrics = self._targets(policy, tokens, mask, old, rewards)
+    targets, target_metrics = self._targets(policy, tokens, mask, old, rewards,
+                                            replay if recorded else None)
     order = np.random.default_rng([self.seed, self.rollouts, 1]).permutation(n)
     self.buffer = dict(tokens=tokens[order], completion_mask=mask[order],
                        old_logprobs=old[order], sampler_logprobs=sampler[order],
@@ -276,10 +278,11 @@ class RolloutBatches:
       m["turns"], self._turns = float(np.mean(self._turns)), []
     self.metrics.append(m)
 
-  def _targets(self, policy, tokens, mask, old, rewards_PG) -> tuple[dict, dict]:
+  def _targets(self, policy, tokens, mask, old, rewards_PG, replay) -> tuple[dict, dict]:
     """What the objective trains on besides tokens and log-probs, per row in rollout order, and
-    metrics: here the group advantages [rows] (PPO's batch source computes per-token GAE)."""
-    del policy, tokens, mask, old
+    metrics: here the group advantages [rows] (PPO's batch source computes per-token GAE).
+    `replay`: the rows' recorded experts [rows, moe layers, T, K], or None."""
+    del policy, tokens, mask, old, replay
     advantages = group_advantages(rewards_PG, self.advantage, self.std_eps)
     return dict(advantages=advantages.reshape(-1).astype(np.float32)), {}
 

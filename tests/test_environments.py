@@ -1,5 +1,6 @@
 """Multi-turn environments: the Python tool's turns, episodes assembled token by token with
-observations masked out of the loss, and RL rollouts through them."""
+observations masked out of the loss, routing replay over whole episodes, and RL rollouts through
+them."""
 
 import dataclasses
 
@@ -101,10 +102,48 @@ def test_episodes_interleave_sampled_turns_and_masked_observations(world):
   assert episodes.turns == [2, 2, 2] and not any(r.truncated)
 
 
+def test_episode_routing_replay_reproduces_the_sampler_after_the_router_drifts(world):
+  from conftest import small_config
+  from model.transformer import forward, init_model
+  policy, tok, problems = world
+  # Half the vocabulary stops a turn: turns of one to four tokens, some cut (which ends the
+  # episode), so records come from decodes (within a turn) and prefills (of earlier turns).
+  sampling = SamplingConfig(temperature=1.0, max_new_tokens=4,
+                            stop_tokens=tuple(range(0, tok.vocab_size, 2)))
+  episodes = run_episodes(policy, tok, [Scripted() for _ in range(6)], problems[:6], sampling,
+                          jax.random.key(3), max_total_tokens=24, record_experts=True)
+  r = episodes.responses
+  assert 2 in episodes.turns and max(int(m.sum()) for m in r.loss_mask) > 2
+  width = max(len(p) + len(t) for p, t in zip(episodes.prompts, r.tokens))
+  layers, k = policy.cfg.num_moe_layers, policy.cfg.experts_per_token
+  rows = np.zeros((6, width), np.int32)
+  weights, sampler = np.zeros((6, width), np.float32), np.zeros((6, width), np.float32)
+  replay = np.full((6, layers, width, k), -1, np.int32)
+  for i, (p, t) in enumerate(zip(episodes.prompts, r.tokens)):
+    n = len(p) + len(t)
+    rows[i, :n] = p + t
+    weights[i, len(p):n] = r.loss_mask[i]
+    sampler[i, len(p):n] = r.logprobs[i]
+    assert r.experts[i].shape == (layers, n, k)
+    # Every token the policy read is recorded (the last one only if a cut turn went on past it).
+    assert (r.experts[i][:, :n - 1] >= 0).all()
+    replay[i, :, :n] = r.experts[i]
+  own = np.asarray(forward(policy, rows).router.experts[:layers])  # [L, B, T, K]
+  fed = np.swapaxes(replay, 0, 1) >= 0
+  np.testing.assert_array_equal(own[fed], np.swapaxes(replay, 0, 1)[fed])
+  drifted = init_model(small_config(vocab_size=tok.vocab_size, max_seq_len=96), seed=1)
+  drifted.moe_layers.ffn.router.bias[...] = jax.random.normal(
+      jax.random.key(4), drifted.moe_layers.ffn.router.bias.shape) * 0.5
+  logp, _ = jitted_logprobs(drifted, rows, weights, 1.0, replay)
+  np.testing.assert_allclose(np.asarray(logp) * weights, sampler, atol=1e-5)
+  rerouted, _ = jitted_logprobs(drifted, rows, weights, 1.0)
+  assert np.abs(np.asarray(rerouted) * weights - sampler).max() > 1e-3
+
+
 def test_rollouts_through_an_environment_mask_tool_tokens(world):
   policy, tok, problems = world
   cfg = RolloutConfig(prompts=2, samples=2, max_new_tokens=24, turn_tokens=5,
-                      environment="scripted", max_turns=2)
+                      environment="scripted", max_turns=2, routing_replay=True)
   src = RolloutBatches(problems, tok, RewardSet({"parity": lambda p, c, **f: [
       float(len(x) % 2) for x in c]}, {"parity": 1.0}), cfg, "grpo", environment=lambda p: Scripted())
   assert src.sampling.max_new_tokens == 5 and src.sampling_width == src.width + 5
@@ -116,7 +155,12 @@ def test_rollouts_through_an_environment_mask_tool_tokens(world):
     positions = np.flatnonzero(batch["tokens"][row] == tool)
     assert len(positions) == 1 and not on[row, positions[0]]  # Tool turns carry no loss.
     assert on[row].sum() == 2  # The two one-token assistant turns.
-  np.testing.assert_allclose(batch["old_logprobs"][on], batch["sampler_logprobs"][on], atol=1e-4)
+  np.testing.assert_allclose(batch["old_logprobs"][on], batch["sampler_logprobs"][on], atol=1e-5)
+  replay = batch["replay_experts"]  # Routing replay: the episode's experts, up to its last token.
+  assert replay.shape == (4, policy.cfg.num_moe_layers, src.width, policy.cfg.experts_per_token)
+  for row in range(4):
+    last = np.flatnonzero(on[row])[-1]
+    assert (replay[row, :, :last] >= 0).all() and (replay[row, :, last:] == -1).all()
   assert src.pop_metrics()["turns"] == 2
   with pytest.raises(ValueError, match="go together"):
     RolloutBatches(problems, tok, src.rewards, cfg, "grpo")
