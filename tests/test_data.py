@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -132,6 +133,42 @@ def test_jsonl_and_text_sources(tok, tmp_path):
                  tok)
 
 
+def test_parquet_source_memory_maps_a_copy_of_each_column(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from train.data import ParquetFiles
+  docs = [f"doc {i}: " + "x" * (i % 7) + "é" for i in range(250)]
+  # Two files, one in row groups of 40 rows, with another column beside the documents.
+  pq.write_table(pa.table({"id": list(range(100)), "text": docs[:100]}), str(tmp_path / "a.parquet"),
+                 row_group_size=40)
+  pq.write_table(pa.table({"text": docs[100:]}), str(tmp_path / "b.parquet"))
+  files, cache = [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], str(tmp_path / "c")
+  before = pa.total_allocated_bytes()
+  source = ParquetFiles(files, "text", cache)
+  assert len(source) == 250 and [source[i] for i in range(250)] == docs
+  assert source[137] == docs[137] and source[0] == docs[0]  # Random access.
+  # The documents live in the memory-mapped copies, not in Arrow's heap or in Python lists.
+  assert pa.total_allocated_bytes() - before < 1000
+  assert not any(isinstance(v, list) and v and isinstance(v[0], str) for v in vars(source).values())
+  copies = sorted(os.listdir(cache))
+  assert len(copies) == 2 and all(c.endswith(".arrow") for c in copies)
+  stamps = [os.stat(os.path.join(cache, c)).st_mtime_ns for c in copies]
+  assert [ParquetFiles(files, "text", cache)[i] for i in (5, 249)] == [docs[5], docs[249]]
+  assert [os.stat(os.path.join(cache, c)).st_mtime_ns for c in copies] == stamps  # Reused.
+  pq.write_table(pa.table({"text": ["edited"]}), files[1])  # An edited file is copied again.
+  os.utime(files[1], ns=(1, 1))
+  edited = ParquetFiles(files, "text", cache)
+  assert len(edited) == 101 and edited[100] == "edited" and len(os.listdir(cache)) == 3
+  with pytest.raises(IndexError):
+    edited[101]
+  with pytest.raises(ValueError, match="a.parquet: column 'id' holds int64, not strings"):
+    ParquetFiles(files, "id", cache)
+  pq.write_table(pa.table({"text": ["a", None, "c"]}), str(tmp_path / "n.parquet"))
+  with pytest.raises(ValueError, match="n.parquet: row 1: column 'text' is null"):
+    ParquetFiles([str(tmp_path / "n.parquet")], "text", cache)
+  assert not [c for c in os.listdir(cache) if c.endswith(".tmp")]  # Nothing half-written left.
+
+
 def test_parquet_and_arrayrecord_sources(tok, tmp_path):
   import pyarrow as pa
   import pyarrow.parquet as pq
@@ -143,12 +180,13 @@ def test_parquet_and_arrayrecord_sources(tok, tmp_path):
   for d in docs:
     writer.write(d.encode("utf-8"))
   writer.close()
-  parquet = DataConfig(source="parquet", paths=str(tmp_path / "*.parquet"), jsonl_field="content")
+  parquet = DataConfig(source="parquet", paths=str(tmp_path / "*.parquet"), jsonl_field="content",
+                       cache_dir=str(tmp_path / "cache"))
   records = DataConfig(source="arrayrecord", paths=str(tmp_path / "*.array_record"))
   assert list(open_source(parquet)[i] for i in range(3)) == docs
   assert list(open_source(records)[i] for i in range(3)) == docs
-  with pytest.raises(ValueError, match="no column 'text'"):
-    open_source(DataConfig(source="parquet", paths=str(tmp_path / "*.parquet")))
+  with pytest.raises(ValueError, match="d.parquet: no column 'text'"):
+    open_source(dataclasses.replace(parquet, jsonl_field="text"))
   small = dataclasses.replace(records, seq_len=8, batch_size=1, eval_fraction=0.0)
   batch = next(iter(make_dataset(small, tok)))
   assert batch["inputs"][0, 0] == tok.bos_id

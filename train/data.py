@@ -10,12 +10,16 @@ from __future__ import annotations
 import array
 import dataclasses
 import glob
+import hashlib
 import json
+import os
+import threading
 import zlib
 from typing import Iterator, Sequence
 
 import grain
 import numpy as np
+from absl import logging
 from grain.experimental import ConcatThenSplitIterDataset, ThreadPrefetchIterDataset
 
 from train.corpus import BuiltinCorpus
@@ -32,6 +36,8 @@ class DataConfig:
   source: str = "builtin"  # builtin, text (one document per file), jsonl, parquet, arrayrecord.
   paths: str = ""  # Glob (comma-separated globs allowed) for the file sources.
   jsonl_field: str = "text"  # The JSONL field or Parquet column holding the document.
+  # Parquet: where each file's column is copied once as a memory-mappable Arrow file.
+  cache_dir: str = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "deepjax", "arrow")
   builtin_docs: int = 20000  # Size of the built-in corpus.
   seq_len: int = 128
   batch_size: int = 8  # Global batch; each process gets batch_size / process_count rows.
@@ -125,22 +131,74 @@ class JsonlFiles:
 
 
 class ParquetFiles:
-  """One document per row: the string column `column` of every file."""
+  """One document per row: the string column `column` of every file. Opening converts each file's
+  column once into an uncompressed Arrow file in `cache_dir` (batch by batch, never the whole
+  file in memory) and memory-maps it: a document is read through the page cache, which the
+  processes of a host share, when it is asked for, and no process holds the corpus. A copy is
+  keyed by the file's path, size and modification time and the column: an edited file is
+  converted again. Global shuffling stays random access (a Parquet row group would have to be
+  decoded for every document)."""
 
-  def __init__(self, files: Sequence[str], column: str):
-    import pyarrow.parquet as pq
-    self.docs = []
+  def __init__(self, files: Sequence[str], column: str, cache_dir: str):
+    import pyarrow as pa
+    self.chunks, starts = [], [0]
     for path in files:
-      table = pq.read_table(path)
-      if column not in table.column_names:
-        raise ValueError(f"{path}: no column {column!r} (columns: {table.column_names})")
-      self.docs.extend(table.column(column).to_pylist())
+      copy = arrow_copy(path, column, cache_dir)
+      table = pa.ipc.open_file(pa.memory_map(copy)).read_all()  # Zero-copy over the mapping.
+      for chunk in table.column(0).chunks:
+        self.chunks.append(chunk)
+        starts.append(starts[-1] + len(chunk))
+    self.starts = np.asarray(starts, np.int64)
 
   def __len__(self):
-    return len(self.docs)
+    return int(self.starts[-1])
 
   def __getitem__(self, i: int) -> str:
-    return self.docs[i]
+    if not 0 <= i < len(self):
+      raise IndexError(f"document {i} of {len(self)}")
+    c = int(np.searchsorted(self.starts, i, side="right")) - 1
+    return self.chunks[c][i - int(self.starts[c])].as_py()
+
+
+def arrow_copy(path: str, column: str, cache_dir: str) -> str:
+  """The memory-mappable Arrow file holding Parquet file `path`'s string column `column`,
+  written into `cache_dir` when it is not there yet (atomically: concurrent writers each write
+  their own temporary file). ValueError naming the file for a missing or non-string column and
+  the row of a null."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  info = os.stat(path)
+  key = hashlib.sha256(f"{os.path.realpath(path)}\0{info.st_size}\0{info.st_mtime_ns}\0{column}"
+                       .encode()).hexdigest()[:32]
+  out = os.path.join(os.path.expanduser(cache_dir), f"{key}.arrow")
+  if os.path.exists(out):
+    return out
+  parquet = pq.ParquetFile(path)
+  schema = parquet.schema_arrow
+  if column not in schema.names:
+    raise ValueError(f"{path}: no column {column!r} (columns: {schema.names})")
+  kind = schema.field(column).type
+  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    raise ValueError(f"{path}: column {column!r} holds {kind}, not strings")
+  logging.info("data: copying column %r of %s into %s (memory-mapped from now on)", column, path,
+               out)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  tmp = f"{out}.{os.getpid()}.{threading.get_ident()}.tmp"
+  try:
+    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, pa.schema([(column, kind)])) as w:
+      row = 0
+      for batch in parquet.iter_batches(columns=[column]):
+        values = batch.column(0)
+        if values.null_count:
+          first = row + int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+          raise ValueError(f"{path}: row {first}: column {column!r} is null")
+        w.write_batch(batch)
+        row += len(batch)
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return out
 
 
 class ArrayRecordFiles:
@@ -171,7 +229,7 @@ def open_source(cfg: DataConfig):
   if cfg.source == "text":
     return TextFiles(files)
   if cfg.source == "parquet":
-    return ParquetFiles(files, cfg.jsonl_field)
+    return ParquetFiles(files, cfg.jsonl_field, cfg.cache_dir)
   if cfg.source == "arrayrecord":
     return ArrayRecordFiles(files)
   return JsonlFiles(files, cfg.jsonl_field)
