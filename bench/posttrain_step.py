@@ -198,8 +198,9 @@ def bench_dpo(cfg: ModelConfig, b: int, t: int, trl_ok: bool) -> None:
 def time_grpo_ours(cfg: ModelConfig, prompts: np.ndarray, samples: int, new_tokens: int,
                    steps: int, beta: float) -> dict:
   """Seconds per GRPO step of ours, split into rollout (sampling P x G completions with the
-  current policy, rewards, group advantages, the trainer's old log-probs) and the train step (the
-  GRPO loss with a frozen reference, AdamW): the means of `steps` after a compiling warm-up."""
+  current policy, rewards, group advantages) and the train step (the GRPO loss with a frozen
+  reference, AdamW; one update per rollout, so the old log-probs are the loss's own forward, as
+  in posttrain/rl.py and TRL): the means of `steps` after a compiling warm-up."""
   import jax
   from model.generate import generate
   from model.sampling import SamplingConfig
@@ -208,7 +209,6 @@ def time_grpo_ours(cfg: ModelConfig, prompts: np.ndarray, samples: int, new_toke
   from posttrain.rl import group_advantages
   from posttrain.start import frozen_copy
   from train import optimizer as opt
-  from train.loss import jitted_logprobs
   from train.step import StepConfig, create_train_state, make_train_step
   model = init_model(cfg, seed=0)
   tree, rebuild = frozen_copy(model)
@@ -233,11 +233,10 @@ def time_grpo_ours(cfg: ModelConfig, prompts: np.ndarray, samples: int, new_toke
     tokens = np.concatenate([rows, out.tokens], axis=1)
     rewards = (out.tokens % 2 == 0).mean(1).reshape(p, samples)  # Any per-completion score.
     advantages = group_advantages(rewards, "grpo").reshape(-1).astype(np.float32)
-    old = np.asarray(jitted_logprobs(policy, tokens, mask)[0])
-    sampler = np.zeros_like(old)
+    sampler = np.zeros(mask.shape, np.float32)
     sampler[:, width:] = out.logprobs
     middle = time.perf_counter()
-    batch = dict(tokens=tokens, completion_mask=mask, advantages=advantages, old_logprobs=old,
+    batch = dict(tokens=tokens, completion_mask=mask, advantages=advantages,
                  sampler_logprobs=sampler)
     state, metrics = step(state, batch, {"reference": tree})
     jax.block_until_ready(metrics)

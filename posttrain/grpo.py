@@ -107,6 +107,21 @@ def token_losses(cfg: GrpoConfig, logp_BT, old_BT, advantages_B, mask_BT):
   return loss * mask, fractions
 
 
+def rollout_mismatch(train_BT, sampler_BT, mask_BT) -> tuple[dict, dict]:
+  """The rollout/training mismatch over completion tokens: token sums of |train - sampler|
+  (mismatch_mean), of sampler - train (mismatch_kl, the KL estimate under the sampler) and of the
+  importance weight exp(train - sampler) (is_ratio_mean); and the maxima of the first and last
+  (mismatch_max, is_ratio_max). `train`: the training forward's log-probs under the rollout's
+  weights, without gradient."""
+  on = mask_BT > 0
+  diff = jnp.where(on, jax.lax.stop_gradient(train_BT) - sampler_BT, 0.0)
+  ratio = jnp.exp(diff)
+  sums = dict(mismatch_mean=jnp.abs(diff).sum(), mismatch_kl=-diff.sum(),
+              is_ratio_mean=jnp.where(on, ratio, 0.0).sum())
+  maxima = dict(mismatch_max=jnp.abs(diff).max(), is_ratio_max=jnp.where(on, ratio, 0.0).max())
+  return sums, maxima
+
+
 def kl_per_token(kind: str, logp_BT, ref_BT):
   """The per-token KL(pi || ref) estimate from samples of pi: k1 or k3 (Schulman's)."""
   if kind == "k1":
@@ -134,18 +149,22 @@ def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None, temperature:
   sampled, as TRL does.
 
   The batch holds `tokens` [B, T] (prompt then completion, right-padded), `completion_mask`
-  [B, T] (1 on completion tokens, entry t predicting tokens[t]), `advantages` [B], and the
-  rollout-time `old_logprobs` and `sampler_logprobs` [B, T].
+  [B, T] (1 on completion tokens, entry t predicting tokens[t]), `advantages` [B], the sampler's
+  `sampler_logprobs` [B, T] and, when the rollout serves several updates, the rollout-time
+  training log-probs `old_logprobs` [B, T]; without them the update is on-policy and the old
+  log-probs are this forward's own (stop-gradient: ratio 1, the gradient unchanged).
   """
   def loss_fn(policy, batch, frozen, step):
     del step
     tokens, mask = batch["tokens"], batch["completion_mask"]
     logp, _, out = sequence_logprobs(policy, tokens, mask, temperature=temperature,
                                      with_output=True, replay_BLTK=batch.get("replay_experts"))
-    per_token, clip = token_losses(cfg, logp, batch["old_logprobs"], batch["advantages"], mask)
+    old = batch.get("old_logprobs")
+    old = jax.lax.stop_gradient(logp) if old is None else old
+    per_token, clip = token_losses(cfg, logp, old, batch["advantages"], mask)
     m = mask.astype(jnp.float32)
     if cfg.tis_cap:
-      tis = jnp.minimum(jnp.exp(batch["old_logprobs"] - batch["sampler_logprobs"]), cfg.tis_cap)
+      tis = jnp.minimum(jnp.exp(old - batch["sampler_logprobs"]), cfg.tis_cap)
       per_token = per_token * jax.lax.stop_gradient(tis)
     kl_sum = jnp.zeros(())
     if cfg.beta:
@@ -157,11 +176,13 @@ def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None, temperature:
     tokens_n = m.sum()
     # Sums the step divides by `weight`; token-level diagnostics are rescaled to token means.
     per_weight = weight / jnp.maximum(tokens_n, 1.0)
+    mismatch, maxima = rollout_mismatch(old, batch["sampler_logprobs"], mask)
     sums = dict(loss=loss_sum, kl=kl_sum * per_weight,
                 entropy_proxy=-(logp * m).sum() * per_weight,
+                **{name: value * per_weight for name, value in mismatch.items()},
                 **{name: value * weight for name, value in clip.items()})
     totals = dict(completion_tokens=tokens_n, **router_totals(out))
-    return loss_sum, weight, dict(sums=sums, totals=totals)
+    return loss_sum, weight, dict(sums=sums, totals=totals, maxima=maxima)
   return loss_fn
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from posttrain.grpo import (RL_BATCH_SOURCE, GrpoConfig, check_rollout_schedule, rl_batches,
-                            rl_start, run_rl, token_losses)
+                            rl_start, rollout_mismatch, run_rl, token_losses)
 from posttrain.heads import ScoredModel
 from posttrain.rl import RolloutBatches, RolloutConfig
 from posttrain.start import frozen_copy
@@ -102,6 +102,8 @@ class PpoBatches(RolloutBatches):
     self._values = nnx.jit(lambda model, tokens, replay: token_values(
         model(tokens, replay_LBTK=replay)[0]))
 
+  needs_old_logprobs = True  # The KL penalty in the per-token rewards reads them.
+
   def get_state(self) -> dict:
     return dict(super().get_state(), kl_coef=self.kl_coef)
 
@@ -161,11 +163,12 @@ def ppo_loss(cfg: PpoConfig, temperature: float = 1.0):
     loss_sum = policy_BT.sum() + cfg.vf_coef * value_BT.sum()
     weight = m.sum()
     value_clipped = (jnp.abs(values - batch["old_values"]) > cfg.value_clip) * m
+    mismatch, maxima = rollout_mismatch(batch["old_logprobs"], batch["sampler_logprobs"], mask)
     sums = dict(loss=loss_sum, policy_loss=policy_BT.sum(), value_loss=value_BT.sum(),
                 value_clip_fraction=value_clipped.sum(), entropy_proxy=-(logp * m).sum(),
-                **{name: value * weight for name, value in clip.items()})
+                **mismatch, **{name: value * weight for name, value in clip.items()})
     return loss_sum, weight, dict(sums=sums, totals=dict(completion_tokens=weight,
-                                                         **router_totals(out)))
+                                                         **router_totals(out)), maxima=maxima)
   return loss_fn
 
 

@@ -5,9 +5,13 @@ batch as mini-batches for one or more optimisation epochs. The training loop han
 each step (`next_batch(policy)`); its state (rollout count, prompt order and cursor) is
 checkpointed with the model, so a resumed run samples exactly what the uninterrupted one would.
 
-Every rollout measures the rollout/training mismatch: the sampler's per-token log-probs against
-the training forward's on the same tokens, both at the sampling temperature: mean and max
-absolute difference, and the KL estimate mean(sampler - train) under the sampler. With
+Every update measures the rollout/training mismatch (in the loss, `rollout_mismatch`): the
+sampler's per-token log-probs against the training forward's on the same tokens under the
+rollout's weights, both at the sampling temperature: mean and max absolute difference, and the KL
+estimate mean(sampler - train) under the sampler. When a rollout serves one update, the loss's
+own forward is that training forward (its log-probs, stop-gradient, are the "old" ones, as TRL
+does); when it serves several, or a source's targets need them (PPO's KL reward), the old
+log-probs are computed once per rollout before any update. With
 `routing_replay` the sampler records each token's experts per MoE layer and every training forward
 on the rollout (old log-probs, the loss) routes the tokens to those experts instead of routing
 again (routing replay, for MoE stability).
@@ -244,32 +248,28 @@ class RolloutBatches:
         if recorded:
           record = gr["experts"][k][:, :t]
           replay[row, :, :record.shape[1]] = record
-    old = np.asarray(jax.device_get(jitted_logprobs(
-        language_model(policy), tokens, mask, cfg.temperature, replay if recorded else None)[0]))
+    old = None
+    if self.needs_old_logprobs:
+      old = np.asarray(jax.device_get(jitted_logprobs(
+          language_model(policy), tokens, mask, cfg.temperature, replay if recorded else None)[0]))
     targets, target_metrics = self._targets(policy, tokens, mask, old, rewards,
                                             replay if recorded else None)
     order = np.random.default_rng([self.seed, self.rollouts, 1]).permutation(n)
     self.buffer = dict(tokens=tokens[order], completion_mask=mask[order],
-                       old_logprobs=old[order], sampler_logprobs=sampler[order],
+                       sampler_logprobs=sampler[order],
                        **{k: v[order] for k, v in targets.items()})
+    if old is not None:
+      self.buffer["old_logprobs"] = old[order]
     if recorded:
       self.buffer["replay_experts"] = replay[order]
-    on = mask > 0
-    diff = (old - sampler)[on]
     parts = {k: np.stack([gr["parts"][k] for gr in groups]) for k in groups[0]["parts"]}
-    ratio = np.exp(old[on] - sampler[on])  # The trainer/sampler importance weight per token.
     m = dict(reward=float(np.nanmean(rewards)), reward_std=float(np.nanstd(rewards)),
              completion_length=float(np.mean(lengths)),
              completion_length_max=float(np.max(lengths)), truncated=float(np.mean(truncated)),
              format_rate=float(np.mean([w for gr in groups for w in gr["well_formed"]])),
-             is_ratio_mean=float(ratio.mean()) if ratio.size else 1.0,
-             is_ratio_max=float(ratio.max()) if ratio.size else 1.0,
              reward_nonfinite=float((~finite).sum()), prompts_drawn=float(drawn),
              sampling_rounds=float(rounds), groups_masked=float(len(masked)),
-             groups_all_equal=float(np.sum(np.ptp(np.where(finite, rewards, 0), axis=1) == 0)),
-             mismatch_mean=float(np.abs(diff).mean()) if diff.size else 0.0,
-             mismatch_max=float(np.abs(diff).max()) if diff.size else 0.0,
-             mismatch_kl=float((sampler[on] - old[on]).mean()) if diff.size else 0.0)
+             groups_all_equal=float(np.sum(np.ptp(np.where(finite, rewards, 0), axis=1) == 0)))
     m.update({f"reward_{k}": float(np.nanmean(v)) for k, v in parts.items()})
     m.update({f"reward_{k}_std": float(np.nanstd(v)) for k, v in parts.items()})
     m.update(self.rewards.pop_errors())
@@ -278,10 +278,18 @@ class RolloutBatches:
       m["turns"], self._turns = float(np.mean(self._turns)), []
     self.metrics.append(m)
 
+  @property
+  def needs_old_logprobs(self) -> bool:
+    """Whether each rollout computes the training forward's log-probs before its updates: when it
+    serves several (all but the first are off-policy). One update's loss takes them from its own
+    forward."""
+    return self.cfg.updates_per_rollout > 1
+
   def _targets(self, policy, tokens, mask, old, rewards_PG, replay) -> tuple[dict, dict]:
     """What the objective trains on besides tokens and log-probs, per row in rollout order, and
     metrics: here the group advantages [rows] (PPO's batch source computes per-token GAE).
-    `replay`: the rows' recorded experts [rows, moe layers, T, K], or None."""
+    `old`: the training forward's log-probs when `needs_old_logprobs`, else None; `replay`: the
+    rows' recorded experts [rows, moe layers, T, K], or None."""
     del policy, tokens, mask, old, replay
     advantages = group_advantages(rewards_PG, self.advantage, self.std_eps)
     return dict(advantages=advantages.reshape(-1).astype(np.float32)), {}

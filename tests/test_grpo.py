@@ -88,6 +88,32 @@ def test_on_policy_gradient_is_the_policy_gradient():
     np.testing.assert_allclose(grad, -adv[:, None] * mask, rtol=1e-6)
 
 
+def test_one_update_per_rollout_takes_the_old_logprobs_from_its_own_forward(world):
+  """Without old_logprobs in the batch the loss, its gradient and the mismatch metrics are those
+  of the batch whose old log-probs a separate forward computed (the off-policy path)."""
+  from flax import nnx
+  from train.loss import jitted_logprobs
+  policy, tok, problems = world
+  cfg = RolloutConfig(prompts=2, samples=2, max_new_tokens=6)
+  src = RolloutBatches(problems, tok, RewardSet({"parity": _parity}, {"parity": 1.0}), cfg, "grpo")
+  assert not src.needs_old_logprobs
+  batch = jax.tree.map(jnp.asarray, src.next_batch(policy))
+  assert "old_logprobs" not in batch
+  with_old = dict(batch, old_logprobs=jitted_logprobs(policy, batch["tokens"],
+                                                      batch["completion_mask"])[0])
+  loss = grpo_loss(GrpoConfig(tis_cap=2.0), 6)
+  run = lambda b: nnx.value_and_grad(lambda m: loss(m, b, None, 0)[0])(policy)
+  (own, own_grads), (sep, sep_grads) = run(batch), run(with_old)
+  np.testing.assert_allclose(own, sep, rtol=1e-5)
+  for g, h in zip(jax.tree.leaves(own_grads), jax.tree.leaves(sep_grads)):
+    np.testing.assert_allclose(g, h, atol=1e-6)
+  a, b = loss(policy, batch, None, 0)[2], loss(policy, with_old, None, 0)[2]
+  for k in ("mismatch_max", "is_ratio_max"):
+    np.testing.assert_allclose(a["maxima"][k], b["maxima"][k], atol=1e-6)
+  assert RolloutBatches(problems, tok, src.rewards, RolloutConfig(
+      prompts=2, samples=2, max_new_tokens=6, epochs=2), "grpo").needs_old_logprobs
+
+
 def test_sequence_ratio_is_the_length_normalised_ratio():
   cfg = GrpoConfig(ratio="sequence", eps_low=10.0, eps_high=10.0)
   logp = RNG.normal(-1, 0.3, (2, 4))
@@ -234,11 +260,16 @@ def test_rollout_batches_masks_logprobs_epochs_and_exact_resume(world):
       idx = np.flatnonzero(on[row])
       assert np.all(np.diff(idx) == 1) and np.all(b["tokens"][row, idx[-1] + 1:] == 0)
       assert b["tokens"][row, idx[0] - 1] == chat.special_id(tok, "<|assistant|>")
-    # The trainer's log-probs at rollout time agree with the sampler's (float32 CPU).
+    # Several updates per rollout: the trainer's log-probs are taken at rollout time, and agree
+    # with the sampler's (float32 CPU); the loss reports the mismatch.
     np.testing.assert_allclose(b["old_logprobs"][on], b["sampler_logprobs"][on], atol=1e-4)
     assert np.all(b["sampler_logprobs"][on] < 0) and np.all(b["old_logprobs"][~on] == 0)
+    _, weight, aux = grpo_loss(GrpoConfig(), 6)(policy, jax.tree.map(jnp.asarray, b), None, 0)
+    diff = np.abs(b["old_logprobs"] - b["sampler_logprobs"])[on]
+    np.testing.assert_allclose(aux["maxima"]["mismatch_max"], diff.max(), atol=1e-7)
+    np.testing.assert_allclose(aux["sums"]["mismatch_mean"] / weight, diff.mean(), atol=1e-7)
   metrics = a.pop_metrics()
-  assert metrics["mismatch_max"] < 1e-4 and 0 <= metrics["reward"] <= 1 and a.pop_metrics() == {}
+  assert 0 <= metrics["reward"] <= 1 and a.pop_metrics() == {}
   state = json.loads(json.dumps(a.get_state()))  # As the checkpoint stores it.
   b = make()
   b.set_state(state)
@@ -261,10 +292,11 @@ def test_routing_replay_rollouts_carry_the_sampled_experts(world):
   for row in range(4):  # Prompt and fed completion tokens recorded, nothing past the last fed one.
     fed = np.flatnonzero(on[row])[-1]
     assert (replay[row, :, :fed] >= 0).all() and (replay[row, :, fed:] == -1).all()
-  np.testing.assert_allclose(batch["old_logprobs"][on], batch["sampler_logprobs"][on], atol=1e-5)
-  loss_sum, weight, _ = grpo_loss(GrpoConfig(), 6)(policy, jax.tree.map(jnp.asarray, batch),
-                                                  None, 0)
+  loss_sum, weight, aux = grpo_loss(GrpoConfig(), 6)(policy, jax.tree.map(jnp.asarray, batch),
+                                                    None, 0)
   assert np.isfinite(float(loss_sum)) and float(weight) == 4
+  # One update per rollout: the loss's own forward (routed as the sampler was) is the trainer's.
+  assert "old_logprobs" not in batch and float(aux["maxima"]["mismatch_max"]) < 1e-5
 
 
 def test_dynamic_sampling_masks_groups_without_signal(world):
@@ -285,7 +317,9 @@ def test_dynamic_sampling_masks_groups_without_signal(world):
   m = src.pop_metrics()
   assert m["reward_nonfinite"] == 1
   # Below temperature 1 the trainer's log-probs are taken at the sampling temperature too.
-  assert 0 < m["mismatch_max"] < 1e-4
+  aux = grpo_loss(GrpoConfig(), 6, temperature=0.7)(policy, jax.tree.map(jnp.asarray, batch),
+                                                    None, 0)[2]
+  assert 0 < float(aux["maxima"]["mismatch_max"]) < 1e-4
   assert np.isfinite(batch["advantages"]).all() and np.isfinite(src.buffer["advantages"]).all()
   assert (batch["completion_mask"].sum(1) == 0).sum() == 1  # Only the NaN row is dropped.
 

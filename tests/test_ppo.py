@@ -88,7 +88,7 @@ def test_ppo_loss_and_values_use_the_replayed_experts():
   assert np.abs(np.asarray(scores - model(tokens)[0])).max() > 1e-4
   mask = jnp.ones((2, 9)).at[:, 0].set(0)
   old = token_logprobs(out.logits, tokens, mask)  # Rollout-time log-probs under `other`.
-  batch = dict(tokens=tokens, completion_mask=mask, old_logprobs=old,
+  batch = dict(tokens=tokens, completion_mask=mask, old_logprobs=old, sampler_logprobs=old,
                advantages=jnp.ones((2, 9)), returns=jnp.zeros((2, 9)),
                old_values=token_values(scores), replay_experts=jnp.swapaxes(other, 0, 1))
   loss = ppo_loss(PpoConfig(clip_eps=0.01, value_clip=0.01))

@@ -48,6 +48,27 @@ def test_token_weighted_accumulation_with_ragged_masks_equals_the_whole_batch():
     assert float(metrics[m]["tokens"]) == 21
 
 
+def test_maxima_are_the_maximum_over_micro_batches():
+  """A loss's aux["maxima"] come out of the step as their maximum over micro-batches."""
+  cfg = small_config(num_layers=2, mtp_depth=0)
+  tx = opt.make_optimizer(opt.OptimizerConfig(peak_lr=1e-3, warmup_steps=0, total_steps=10))
+  template, state = create_train_state(init_model(cfg, seed=0), tx)
+  batch = _ragged_batch(cfg)
+
+  def loss_fn(model, b, frozen, step):
+    per_token, _ = sequence_logprobs(model, b["inputs"], b["loss_mask"])
+    return -per_token.sum(), b["loss_mask"].sum(), dict(
+        sums=dict(loss=-per_token.sum()), totals={}, maxima=dict(largest_target=b["targets"].max().astype(jnp.float32),
+                                        lowest_first=-b["targets"][:, 0].min().astype(jnp.float32)))
+
+  for m in (1, 2):
+    step = jax.jit(make_train_step(template, tx, StepConfig(microbatches=m, balance_weight=0.0,
+                                                            bias_gamma=0.0), loss_fn=loss_fn))
+    metrics = step(state, batch)[1]
+    assert float(metrics["largest_target"]) == float(batch["targets"].max())
+    assert float(metrics["lowest_first"]) == -float(batch["targets"][:, 0].min())
+
+
 def test_sequence_logprobs_against_a_direct_loop():
   cfg = small_config(num_layers=2)
   model = init_model(cfg, seed=3)

@@ -7,7 +7,8 @@ router-bias update outside the gradient (for every stage whose model routes).
 One loss convention for every stage: `loss_fn(model, batch, frozen, step)` returns
 `(loss_sum, weight, aux)`, a sum and the weight it is a sum over (tokens, sequences or pairs).
 `aux["sums"]` are metric sums over the same weight (reported divided by it); `aux["totals"]` are
-counts reported as they are (`load` [L, E] feeds the router-bias update). Accumulation adds sums
+counts reported as they are (`load` [L, E] feeds the router-bias update); the optional
+`aux["maxima"]` are reported as their maximum over micro-batches. Accumulation adds sums
 and weights over micro-batches and divides once, so a masked batch split into micro-batches gives
 the gradient of the whole batch. `frozen` holds parameter trees that are not trained (a reference
 policy, a reward model, LoRA's base weights): step arguments with their own shardings.
@@ -203,13 +204,19 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
 
     def accumulate(carry, mb):
       (_, (weight, aux)), grads = grad_fn(state.params, state.extra, frozen, mb, state.step)
-      return jax.tree.map(jnp.add, carry, (grads, weight, aux)), None
+      added, maxima = carry
+      aux = dict(aux)
+      maxima = jax.tree.map(jnp.maximum, maxima, aux.pop("maxima", {}))
+      return (jax.tree.map(jnp.add, added, (grads, weight, aux)), maxima), None
 
     shapes = jax.eval_shape(lambda: grad_fn(state.params, state.extra, frozen,
                                             jax.tree.map(lambda x: x[0], micro), state.step))
+    aux_shapes = dict(shapes[0][1][1])
+    lowest = jax.tree.map(lambda s: jnp.full(s.shape, -jnp.inf, s.dtype),
+                          aux_shapes.pop("maxima", {}))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         (shapes[1], shapes[0][1][0], shapes[0][1][1]))
-    (grads, weight, aux), _ = jax.lax.scan(accumulate, zeros, micro)
+                         (shapes[1], shapes[0][1][0], aux_shapes))
+    ((grads, weight, aux), maxima), _ = jax.lax.scan(accumulate, (zeros, lowest), micro)
     denominator = jnp.maximum(weight, 1e-9)  # An all-masked batch has zero gradient, not NaN.
     grads = jax.tree.map(lambda g: g / denominator, grads)
     means = {k: v / denominator for k, v in aux["sums"].items()}
@@ -224,7 +231,7 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     extra = state.extra
     bad_streak = jnp.where(ok, 0, state.bad_streak + 1)
-    metrics = dict(**means, **totals, grad_norm=grad_norm,
+    metrics = dict(**means, **totals, **maxima, grad_norm=grad_norm,
                    skipped=state.skipped + (~ok).astype(jnp.int32), loss_spike=spike,
                    bad_streak=bad_streak)
     if load is not None:
