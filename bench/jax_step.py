@@ -15,8 +15,8 @@ from train.step import StepConfig, create_train_state, make_train_step
 
 def time_jax(cfg: ModelConfig, tokens: np.ndarray, steps: int,
              loss_mask: np.ndarray | None = None) -> float:
-  """Seconds per jitted train step (AdamW, no MTP) of the language-model loss, after a compiling
-  warm-up step. `loss_mask` [B, T] (over the predicted tokens, tokens[:, 1:]) weights the loss, as
+  """Seconds per jitted train step (AdamW, no MTP) of the language-model loss (the median of
+  `steps`), after a compiling warm-up step. `loss_mask` [B, T] (over the predicted tokens, tokens[:, 1:]) weights the loss, as
   SFT's assistant mask does; None: every token."""
   b, t = tokens.shape[0], tokens.shape[1] - 1
   batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
@@ -29,7 +29,8 @@ def time_jax(cfg: ModelConfig, tokens: np.ndarray, steps: int,
 
 def time_step(cfg: ModelConfig, batch: dict, steps: int, loss_fn=None, frozen=None) -> float:
   """Seconds per jitted train step (AdamW) of a stage's `loss_fn` (default: the language-model
-  loss without MTP) on `batch`, with `frozen` trees (a reference model), after a warm-up step."""
+  loss without MTP) on `batch`, with `frozen` trees (a reference model): the median of `steps`,
+  after a warm-up step."""
   from model.transformer import init_model
   ocfg = opt.OptimizerConfig(peak_lr=1e-3, warmup_steps=0, total_steps=1000, weight_decay=0.0)
   tx = opt.make_optimizer(ocfg)
@@ -41,8 +42,10 @@ def time_step(cfg: ModelConfig, batch: dict, steps: int, loss_fn=None, frozen=No
   frozen = {} if frozen is None else frozen
   state, metrics = step(state, batch, frozen)
   jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(steps):
+  times = []
+  for _ in range(steps):  # Each step timed alone; the median resists the shared machine's noise.
+    start = time.perf_counter()
     state, metrics = step(state, batch, frozen)
-  jax.block_until_ready(metrics)
-  return (time.perf_counter() - start) / steps
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))

@@ -57,7 +57,7 @@ def _tokenizer(vocab_size: int):
 
 def time_trl(cfg: ModelConfig, tokens: np.ndarray, mask: np.ndarray, steps: int,
              warmup: int) -> float:
-  """Seconds per SFTTrainer optimizer step (the mean of `steps` after `warmup`), timed between
+  """Seconds per SFTTrainer optimizer step (the median of `steps` after `warmup`), timed between
   its step-begin and step-end callbacks."""
   import datasets
   import torch
@@ -82,7 +82,7 @@ def time_trl(cfg: ModelConfig, tokens: np.ndarray, mask: np.ndarray, steps: int,
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data,
                              processing_class=_tokenizer(cfg.vocab_size), callbacks=[_step_timer(times)])
     trainer.train()
-  return float(np.mean(times[warmup:]))
+  return float(np.median(times[warmup:]))
 
 
 def _step_timer(times: list):
@@ -123,7 +123,8 @@ def time_dpo_ours(cfg: ModelConfig, batch: dict, steps: int) -> dict:
 
 def time_dpo_trl(cfg: ModelConfig, tokens: np.ndarray, prompt: int, steps: int,
                  warmup: int) -> float:
-  """Seconds per DPOTrainer optimizer step (sigmoid loss, its reference model online)."""
+  """Seconds per DPOTrainer optimizer step (sigmoid loss, its reference model online; the median
+  of `steps` after `warmup`)."""
   import datasets
   import torch
   import transformers
@@ -148,7 +149,7 @@ def time_dpo_trl(cfg: ModelConfig, tokens: np.ndarray, prompt: int, steps: int,
                              train_dataset=data,
                              processing_class=_tokenizer(cfg.vocab_size), callbacks=[_step_timer(times)])
     trainer.train()
-  return float(np.mean(times[warmup:]))
+  return float(np.median(times[warmup:]))
 
 
 def _has_trl() -> bool:
@@ -200,7 +201,7 @@ def time_grpo_ours(cfg: ModelConfig, prompts: np.ndarray, samples: int, new_toke
   """Seconds per GRPO step of ours, split into rollout (sampling P x G completions with the
   current policy, rewards, group advantages) and the train step (the GRPO loss with a frozen
   reference, AdamW; one update per rollout, so the old log-probs are the loss's own forward, as
-  in posttrain/rl.py and TRL): the means of `steps` after a compiling warm-up."""
+  in posttrain/rl.py and TRL): the medians of `steps` after a compiling warm-up."""
   import jax
   from model.generate import generate
   from model.sampling import SamplingConfig
@@ -243,14 +244,15 @@ def time_grpo_ours(cfg: ModelConfig, prompts: np.ndarray, samples: int, new_toke
     if i:  # Step 0 compiles.
       rollout_s.append(middle - start)
       train_s.append(time.perf_counter() - middle)
-  return dict(seconds_per_step=float(np.mean(rollout_s) + np.mean(train_s)),
-              rollout_seconds=float(np.mean(rollout_s)), train_seconds=float(np.mean(train_s)))
+  rollout, train = float(np.median(rollout_s)), float(np.median(train_s))
+  return dict(seconds_per_step=rollout + train, rollout_seconds=rollout, train_seconds=train)
 
 
 def time_grpo_trl(cfg: ModelConfig, prompts: np.ndarray, samples: int, new_tokens: int,
                   steps: int, warmup: int, beta: float) -> float:
   """Seconds per GRPOTrainer step (generation with transformers' generate included; its
-  reference model online for beta > 0), the same reward on the completion's ids."""
+  reference model online for beta > 0; the median of `steps` after `warmup`), the same reward on
+  the completion's ids."""
   import datasets
   import torch
   import transformers
@@ -279,7 +281,7 @@ def time_grpo_trl(cfg: ModelConfig, prompts: np.ndarray, samples: int, new_token
                               processing_class=_tokenizer(cfg.vocab_size),
                               callbacks=[_step_timer(times)])
     trainer.train()
-  return float(np.mean(times[warmup:]))
+  return float(np.median(times[warmup:]))
 
 
 def bench_grpo(cfg: ModelConfig, trl_ok: bool, prompts_n: int = 4, samples: int = 8,

@@ -26,7 +26,7 @@ BENCHMARKS = (
     ("pretrain_step", ["--shapes=bench-tiny,bench-small", "--steps=5"]),
     ("moe_scaling", ["--experts=8,16,32,64", "--steps=5"]),
     ("generate", ["--batches=1,32", "--contexts=128,2048", "--new_tokens=32", "--rounds=2"]),
-    ("posttrain_step", ["--stages=sft,dpo,grpo", "--steps=5"]),
+    ("posttrain_step", ["--stages=sft,dpo,grpo", "--steps=10"]),
     ("sandbox", ["--programs=64", "--workers=1,2,4"]),
     # Needs a trained MTP head: the demo's pre-training run (`make demo`), else recorded as failed.
     ("speculative", ["--checkpoint=workdir/demo/base", "--batches=1,32", "--rounds=3"]),
