@@ -27,7 +27,8 @@ _TORCH = flags.DEFINE_bool("torch", True, "Also time transformers' PyTorch model
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 keeps its default.")
 
 def time_torch(cfg: ModelConfig, tokens: np.ndarray, steps: int) -> float:
-  """Seconds per eager PyTorch step: forward, cross-entropy, backward, AdamW."""
+  """Seconds per eager PyTorch step (forward, cross-entropy, backward, AdamW): the median of
+  `steps`."""
   import torch
   import transformers
   if _THREADS.value:
@@ -48,10 +49,12 @@ def time_torch(cfg: ModelConfig, tokens: np.ndarray, steps: int) -> float:
     optim.step()
 
   one_step()
-  start = time.perf_counter()
-  for _ in range(steps):
+  times = []
+  for _ in range(steps):  # As ours (bench/jax_step.py): the median of steps timed one by one.
+    start = time.perf_counter()
     one_step()
-  return (time.perf_counter() - start) / steps
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
 
 
 def main(argv):
