@@ -88,32 +88,6 @@ def test_on_policy_gradient_is_the_policy_gradient():
     np.testing.assert_allclose(grad, -adv[:, None] * mask, rtol=1e-6)
 
 
-def test_one_update_per_rollout_takes_the_old_logprobs_from_its_own_forward(world):
-  """Without old_logprobs in the batch the loss, its gradient and the mismatch metrics are those
-  of the batch whose old log-probs a separate forward computed (the off-policy path)."""
-  from flax import nnx
-  from train.loss import jitted_logprobs
-  policy, tok, problems = world
-  cfg = RolloutConfig(prompts=2, samples=2, max_new_tokens=6)
-  src = RolloutBatches(problems, tok, RewardSet({"parity": _parity}, {"parity": 1.0}), cfg, "grpo")
-  assert not src.needs_old_logprobs
-  batch = jax.tree.map(jnp.asarray, src.next_batch(policy))
-  assert "old_logprobs" not in batch
-  with_old = dict(batch, old_logprobs=jitted_logprobs(policy, batch["tokens"],
-                                                      batch["completion_mask"])[0])
-  loss = grpo_loss(GrpoConfig(tis_cap=2.0), 6)
-  run = lambda b: nnx.value_and_grad(lambda m: loss(m, b, None, 0)[0])(policy)
-  (own, own_grads), (sep, sep_grads) = run(batch), run(with_old)
-  np.testing.assert_allclose(own, sep, rtol=1e-5)
-  for g, h in zip(jax.tree.leaves(own_grads), jax.tree.leaves(sep_grads)):
-    np.testing.assert_allclose(g, h, atol=1e-6)
-  a, b = loss(policy, batch, None, 0)[2], loss(policy, with_old, None, 0)[2]
-  for k in ("mismatch_max", "is_ratio_max"):
-    np.testing.assert_allclose(a["maxima"][k], b["maxima"][k], atol=1e-6)
-  assert RolloutBatches(problems, tok, src.rewards, RolloutConfig(
-      prompts=2, samples=2, max_new_tokens=6, epochs=2), "grpo").needs_old_logprobs
-
-
 def test_sequence_ratio_is_the_length_normalised_ratio():
   cfg = GrpoConfig(ratio="sequence", eps_low=10.0, eps_high=10.0)
   logp = RNG.normal(-1, 0.3, (2, 4))
@@ -236,6 +210,13 @@ def world(chat_tok):
   return policy, chat_tok, get_task("arithmetic").problems("train", 16)
 
 
+def _grpo_loss(policy, batch, temperature=1.0):
+  """The default GRPO loss (6 new tokens) on a served batch, jitted: (sum, weight, aux)."""
+  from flax import nnx
+  fn = nnx.jit(lambda m, b: grpo_loss(GrpoConfig(), 6, temperature=temperature)(m, b, None, 0))
+  return fn(policy, jax.tree.map(jnp.asarray, batch))
+
+
 def _parity(prompts, completions, **fields):
   return [float(len(c) % 2) for c in completions]
 
@@ -264,7 +245,7 @@ def test_rollout_batches_masks_logprobs_epochs_and_exact_resume(world):
     # with the sampler's (float32 CPU); the loss reports the mismatch.
     np.testing.assert_allclose(b["old_logprobs"][on], b["sampler_logprobs"][on], atol=1e-4)
     assert np.all(b["sampler_logprobs"][on] < 0) and np.all(b["old_logprobs"][~on] == 0)
-    _, weight, aux = grpo_loss(GrpoConfig(), 6)(policy, jax.tree.map(jnp.asarray, b), None, 0)
+    _, weight, aux = _grpo_loss(policy, b)
     diff = np.abs(b["old_logprobs"] - b["sampler_logprobs"])[on]
     np.testing.assert_allclose(aux["maxima"]["mismatch_max"], diff.max(), atol=1e-7)
     np.testing.assert_allclose(aux["sums"]["mismatch_mean"] / weight, diff.mean(), atol=1e-7)
@@ -292,11 +273,37 @@ def test_routing_replay_rollouts_carry_the_sampled_experts(world):
   for row in range(4):  # Prompt and fed completion tokens recorded, nothing past the last fed one.
     fed = np.flatnonzero(on[row])[-1]
     assert (replay[row, :, :fed] >= 0).all() and (replay[row, :, fed:] == -1).all()
-  loss_sum, weight, aux = grpo_loss(GrpoConfig(), 6)(policy, jax.tree.map(jnp.asarray, batch),
-                                                    None, 0)
+  loss_sum, weight, aux = _grpo_loss(policy, batch)
   assert np.isfinite(float(loss_sum)) and float(weight) == 4
   # One update per rollout: the loss's own forward (routed as the sampler was) is the trainer's.
   assert "old_logprobs" not in batch and float(aux["maxima"]["mismatch_max"]) < 1e-5
+
+
+def test_one_update_per_rollout_takes_the_old_logprobs_from_its_own_forward(world):
+  """Without old_logprobs in the batch the loss, its gradient and the mismatch metrics are those
+  of the batch whose old log-probs a separate forward computed (the off-policy path)."""
+  from flax import nnx
+  from train.loss import jitted_logprobs
+  policy, tok, problems = world
+  cfg = RolloutConfig(prompts=2, samples=3, max_new_tokens=6)  # Sampling as compiled above.
+  src = RolloutBatches(problems, tok, RewardSet({"parity": _parity}, {"parity": 1.0}), cfg, "grpo",
+                       seed=3)
+  assert not src.needs_old_logprobs
+  batch = jax.tree.map(jnp.asarray, src.next_batch(policy))
+  assert "old_logprobs" not in batch
+  with_old = dict(batch, old_logprobs=jitted_logprobs(policy, batch["tokens"],
+                                                      batch["completion_mask"])[0])
+  loss = grpo_loss(GrpoConfig(tis_cap=2.0), 6)
+  run = nnx.jit(lambda m, b: nnx.value_and_grad(lambda m: loss(m, b, None, 0)[::2],
+                                                has_aux=True)(m))
+  ((own, a), own_grads), ((sep, b), sep_grads) = run(policy, batch), run(policy, with_old)
+  np.testing.assert_allclose(own, sep, rtol=1e-5)
+  for g, h in zip(jax.tree.leaves(own_grads), jax.tree.leaves(sep_grads)):
+    np.testing.assert_allclose(g, h, atol=1e-6)
+  for k in ("mismatch_max", "is_ratio_max"):
+    np.testing.assert_allclose(a["maxima"][k], b["maxima"][k], atol=1e-6)
+  assert RolloutBatches(problems, tok, src.rewards, RolloutConfig(
+      prompts=2, samples=2, max_new_tokens=6, epochs=2), "grpo").needs_old_logprobs
 
 
 def test_dynamic_sampling_masks_groups_without_signal(world):
@@ -317,8 +324,7 @@ def test_dynamic_sampling_masks_groups_without_signal(world):
   m = src.pop_metrics()
   assert m["reward_nonfinite"] == 1
   # Below temperature 1 the trainer's log-probs are taken at the sampling temperature too.
-  aux = grpo_loss(GrpoConfig(), 6, temperature=0.7)(policy, jax.tree.map(jnp.asarray, batch),
-                                                    None, 0)[2]
+  aux = _grpo_loss(policy, batch, 0.7)[2]
   assert 0 < float(aux["maxima"]["mismatch_max"]) < 1e-4
   assert np.isfinite(batch["advantages"]).all() and np.isfinite(src.buffer["advantages"]).all()
   assert (batch["completion_mask"].sum(1) == 0).sum() == 1  # Only the NaN row is dropped.

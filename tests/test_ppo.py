@@ -73,32 +73,34 @@ def test_per_token_advantages_and_the_policy_clip():
 
 
 def test_ppo_loss_and_values_use_the_replayed_experts():
+  from flax import nnx
   from conftest import small_config
   from model.transformer import forward, init_model
   from posttrain.heads import ScoredModel
   from posttrain.ppo import ppo_loss
   from train.loss import token_logprobs
-  model = ScoredModel(init_model(small_config(), 5))
+  model = ScoredModel(init_model(small_config(num_layers=2, mtp_depth=0), 5))
   tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, model.cfg.vocab_size)
   layers = model.cfg.num_moe_layers
   own = forward(model.trunk, tokens).router.experts[:layers]
   other = (own + 1) % model.cfg.num_experts  # Experts another routing chose: [L, B, T, K].
-  scores, out = model(tokens, replay_LBTK=other)
+  call = nnx.jit(lambda m, t, r: m(t, replay_LBTK=r))
+  scores, out = call(model, tokens, other)
   np.testing.assert_array_equal(out.router.experts[:layers], other)
-  assert np.abs(np.asarray(scores - model(tokens)[0])).max() > 1e-4
+  assert np.abs(np.asarray(scores - call(model, tokens, None)[0])).max() > 1e-4
   mask = jnp.ones((2, 9)).at[:, 0].set(0)
   old = token_logprobs(out.logits, tokens, mask)  # Rollout-time log-probs under `other`.
   batch = dict(tokens=tokens, completion_mask=mask, old_logprobs=old, sampler_logprobs=old,
                advantages=jnp.ones((2, 9)), returns=jnp.zeros((2, 9)),
                old_values=token_values(scores), replay_experts=jnp.swapaxes(other, 0, 1))
-  loss = ppo_loss(PpoConfig(clip_eps=0.01, value_clip=0.01))
+  loss = nnx.jit(lambda m, b: ppo_loss(PpoConfig(clip_eps=0.01, value_clip=0.01))(m, b, None, 0))
   rollout_logp = -float((old * mask).sum())
-  sums = loss(model, batch, None, 0)[2]["sums"]
+  sums = loss(model, batch)[2]["sums"]
   # Replayed: the rollout's log-probs and values, so no value is clipped.
   assert float(sums["entropy_proxy"]) == pytest.approx(rollout_logp, rel=1e-6)
   assert float(sums["value_clip_fraction"]) == 0
   del batch["replay_experts"]  # Routed again: other experts, other log-probs and values.
-  sums = loss(model, batch, None, 0)[2]["sums"]
+  sums = loss(model, batch)[2]["sums"]
   assert abs(float(sums["entropy_proxy"]) - rollout_logp) > 1e-3
   assert float(sums["value_clip_fraction"]) > 0
 
