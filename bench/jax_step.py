@@ -16,8 +16,8 @@ from train.step import StepConfig, create_train_state, make_train_step
 def time_jax(cfg: ModelConfig, tokens: np.ndarray, steps: int,
              loss_mask: np.ndarray | None = None) -> float:
   """Seconds per jitted train step (AdamW, no MTP) of the language-model loss (the median of
-  `steps`), after a compiling warm-up step. `loss_mask` [B, T] (over the predicted tokens, tokens[:, 1:]) weights the loss, as
-  SFT's assistant mask does; None: every token."""
+  `steps`), after a compiling warm-up step. `loss_mask` [B, T] (over the predicted tokens,
+  tokens[:, 1:]) weights the loss, as SFT's assistant mask does; None: every token."""
   b, t = tokens.shape[0], tokens.shape[1] - 1
   batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
                positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),

@@ -139,8 +139,8 @@ def test_parquet_source_memory_maps_a_copy_of_each_column(tmp_path):
   from train.data import ParquetFiles
   docs = [f"doc {i}: " + "x" * (i % 7) + "é" for i in range(250)]
   # Two files, one in row groups of 40 rows, with another column beside the documents.
-  pq.write_table(pa.table({"id": list(range(100)), "text": docs[:100]}), str(tmp_path / "a.parquet"),
-                 row_group_size=40)
+  pq.write_table(pa.table({"id": list(range(100)), "text": docs[:100]}),
+                 str(tmp_path / "a.parquet"), row_group_size=40)
   pq.write_table(pa.table({"text": docs[100:]}), str(tmp_path / "b.parquet"))
   files, cache = [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], str(tmp_path / "c")
   before = pa.total_allocated_bytes()

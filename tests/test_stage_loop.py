@@ -57,9 +57,10 @@ def test_maxima_are_the_maximum_over_micro_batches():
 
   def loss_fn(model, b, frozen, step):
     per_token, _ = sequence_logprobs(model, b["inputs"], b["loss_mask"])
-    return -per_token.sum(), b["loss_mask"].sum(), dict(
-        sums=dict(loss=-per_token.sum()), totals={}, maxima=dict(largest_target=b["targets"].max().astype(jnp.float32),
-                                        lowest_first=-b["targets"][:, 0].min().astype(jnp.float32)))
+    maxima = dict(largest_target=b["targets"].max().astype(jnp.float32),
+                  lowest_first=-b["targets"][:, 0].min().astype(jnp.float32))
+    return -per_token.sum(), b["loss_mask"].sum(), dict(sums=dict(loss=-per_token.sum()),
+                                                        totals={}, maxima=maxima)
 
   step = jax.jit(make_train_step(template, tx, StepConfig(microbatches=2, balance_weight=0.0,
                                                           bias_gamma=0.0), loss_fn=loss_fn))
