@@ -132,10 +132,11 @@ def run_episodes(model, tokenizer, envs: Sequence[Environment], problems: Sequen
   would pass `max_total_tokens`. `width`: every turn's padded prompt width (default the longest
   prompt + max_total_tokens); the model must hold width + sampling.max_new_tokens tokens.
 
-  `record_experts`: every turn re-reads the episode so far (prefill) before sampling its turn, so
-  the last turn's record covers every token: earlier turns and observations as its prefill routed
-  them (in float32 the same experts their own turn's decode chose), its own tokens as decoded.
-  The episode's last token, never fed, stays -1."""
+  `record_experts`: each token keeps the experts of the first turn that ran it: a sampled token
+  those of its own turn's decode (under which the rest of that turn was sampled), an observation
+  and a turn's last token those of the next turn's prefill. Later turns re-read the episode
+  (prefill); in float32 they route it as before, in bfloat16 they may not, and then the later
+  turns' tokens are replayed under the earlier routing. The episode's last token stays -1."""
   if len(envs) != len(problems):
     raise ValueError(f"run_episodes: {len(envs)} environments for {len(problems)} problems")
   prompts = [chat.encode_prompt(tokenizer, env.reset(p)) for env, p in zip(envs, problems)]
@@ -157,8 +158,8 @@ def run_episodes(model, tokenizer, envs: Sequence[Environment], problems: Sequen
       steps = list(pool.map(lambda a: envs[a[0]].step(a[1]), zip(live, texts)))
       for j, i in enumerate(live):
         ids, observation_msgs, reward, finished = out.tokens[j], *steps[j]
-        if out.experts is not None:  # The latest turn's record covers the whole episode.
-          experts[i] = out.experts[j]
+        if out.experts is not None:
+          experts[i] = _first_routing(experts[i], out.experts[j])
         turns[i] += 1
         final[i], rewards[i] = texts[j], reward
         room = max_total_tokens - len(suffix[i])
@@ -176,10 +177,22 @@ def run_episodes(model, tokenizer, envs: Sequence[Environment], problems: Sequen
         masks[i] += [0.0] * len(more)
         logprobs[i] += [0.0] * len(more)
       turn += 1
-  recorded = experts[0] is not None  # Only when asked for and the model routes.
+  recorded = any(e is not None for e in experts)  # Only when asked for and the model routes.
   if recorded:  # Cut to the episode's tokens (its last turn may have been cut).
     experts = [e[:, :len(p) + len(s)] for e, p, s in zip(experts, prompts, suffix)]
   responses = rollout.Responses(suffix, [np.asarray(x, np.float32) for x in logprobs], truncated,
                                 loss_mask=[np.asarray(m, np.float32) for m in masks],
                                 experts=experts if recorded else None)
   return Episodes(prompts, responses, final, rewards, turns)
+
+
+def _first_routing(earlier: np.ndarray | None, turn: np.ndarray) -> np.ndarray:
+  """An episode's routing record [moe layers, tokens, K] after a turn's record: the earlier
+  record wherever it ran a token (>= 0), the turn's elsewhere (its new tokens, and what it ran
+  for the first time: the observations and the previous turn's last token)."""
+  if earlier is None:
+    return turn
+  merged = np.array(turn)
+  n = min(earlier.shape[1], merged.shape[1])
+  merged[:, :n] = np.where(earlier[:, :n] >= 0, earlier[:, :n], merged[:, :n])
+  return merged

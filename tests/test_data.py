@@ -159,8 +159,13 @@ def test_parquet_source_memory_maps_a_copy_of_each_column(tmp_path):
   os.utime(files[1], ns=(1, 1))
   edited = ParquetFiles(files, "text", cache)
   assert len(edited) == 101 and edited[100] == "edited" and len(os.listdir(cache)) == 3
+  assert not [c for c in os.listdir(cache) if not c.endswith(".arrow")]
   with pytest.raises(IndexError):
     edited[101]
+  required = pa.schema([pa.field("text", pa.string(), nullable=False)])  # A REQUIRED column.
+  pq.write_table(pa.table({"text": ["r0", "r1"]}, schema=required), str(tmp_path / "r.parquet"))
+  assert [ParquetFiles([str(tmp_path / "r.parquet")], "text", cache)[i] for i in (0, 1)] == [
+      "r0", "r1"]
   with pytest.raises(ValueError, match="a.parquet: column 'id' holds int64, not strings"):
     ParquetFiles(files, "id", cache)
   pq.write_table(pa.table({"text": ["a", None, "c"]}), str(tmp_path / "n.parquet"))

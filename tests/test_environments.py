@@ -102,6 +102,16 @@ def test_episodes_interleave_sampled_turns_and_masked_observations(world):
   assert episodes.turns == [2, 2, 2] and not any(r.truncated)
 
 
+def test_an_episode_keeps_the_routing_of_the_turn_that_first_ran_each_token():
+  from posttrain.environments import _first_routing
+  first = np.asarray([[[1, 2], [3, 4], [5, 6], [-1, -1]]])  # Turn 1: its last token never fed.
+  second = np.asarray([[[7, 0], [3, 5], [5, 6], [0, 1], [2, 3], [4, 5], [-1, -1]]])  # Re-read.
+  merged = _first_routing(first, second)
+  np.testing.assert_array_equal(merged, [[[1, 2], [3, 4], [5, 6], [0, 1], [2, 3], [4, 5],
+                                          [-1, -1]]])
+  assert _first_routing(None, first) is first
+
+
 def test_episode_routing_replay_reproduces_the_sampler_after_the_router_drifts(world):
   from conftest import small_config
   from model.transformer import init_model

@@ -13,7 +13,7 @@ import glob
 import hashlib
 import json
 import os
-import threading
+import tempfile
 import zlib
 from typing import Iterator, Sequence
 
@@ -162,9 +162,10 @@ class ParquetFiles:
 
 def arrow_copy(path: str, column: str, cache_dir: str) -> str:
   """The memory-mappable Arrow file holding Parquet file `path`'s string column `column`,
-  written into `cache_dir` when it is not there yet (atomically: concurrent writers each write
-  their own temporary file). ValueError naming the file for a missing or non-string column and
-  the row of a null."""
+  written into `cache_dir` when it is not there yet (atomically: concurrent writers, processes or
+  hosts sharing the directory, each write their own temporary file, synced before it is renamed
+  into place). ValueError naming the file for a missing or non-string column and the row of a
+  null."""
   import pyarrow as pa
   import pyarrow.parquet as pq
   info = os.stat(path)
@@ -183,9 +184,11 @@ def arrow_copy(path: str, column: str, cache_dir: str) -> str:
   logging.info("data: copying column %r of %s into %s (memory-mapped from now on)", column, path,
                out)
   os.makedirs(os.path.dirname(out), exist_ok=True)
-  tmp = f"{out}.{os.getpid()}.{threading.get_ident()}.tmp"
+  handle, tmp = tempfile.mkstemp(prefix=f"{key}.", suffix=".tmp", dir=os.path.dirname(out))
+  os.close(handle)
   try:
-    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, pa.schema([(column, kind)])) as w:
+    field = schema.field(column)  # The file's own field: a REQUIRED column stays non-nullable.
+    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, pa.schema([field])) as w:
       row = 0
       for batch in parquet.iter_batches(columns=[column]):
         values = batch.column(0)
@@ -194,6 +197,8 @@ def arrow_copy(path: str, column: str, cache_dir: str) -> str:
           raise ValueError(f"{path}: row {first}: column {column!r} is null")
         w.write_batch(batch)
         row += len(batch)
+    with open(tmp, "rb+") as f:
+      os.fsync(f.fileno())
     os.replace(tmp, out)
   finally:
     if os.path.exists(tmp):
