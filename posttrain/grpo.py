@@ -115,10 +115,9 @@ def rollout_mismatch(train_BT, sampler_BT, mask_BT) -> tuple[dict, dict]:
   weights, without gradient."""
   on = mask_BT > 0
   diff = jnp.where(on, jax.lax.stop_gradient(train_BT) - sampler_BT, 0.0)
-  ratio = jnp.exp(diff)
-  sums = dict(mismatch_mean=jnp.abs(diff).sum(), mismatch_kl=-diff.sum(),
-              is_ratio_mean=jnp.where(on, ratio, 0.0).sum())
-  maxima = dict(mismatch_max=jnp.abs(diff).max(), is_ratio_max=jnp.where(on, ratio, 0.0).max())
+  ratio = jnp.where(on, jnp.exp(diff), 0.0)
+  sums = dict(mismatch_mean=jnp.abs(diff).sum(), mismatch_kl=-diff.sum(), is_ratio_mean=ratio.sum())
+  maxima = dict(mismatch_max=jnp.abs(diff).max(), is_ratio_max=ratio.max())
   return sums, maxima
 
 

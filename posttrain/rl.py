@@ -228,8 +228,9 @@ class RolloutBatches:
     rewards = np.stack([gr["total"] for gr in groups])  # [P, G]
     finite = np.isfinite(rewards)
     lengths, truncated = [], []
-    recorded = groups[0]["experts"] is not None
-    if recorded:  # [rows, moe layers, T, K]: -1 (route as usual) where nothing was recorded.
+    # Recorded experts: [rows, moe layers, T, K], -1 (route as usual) where nothing was recorded.
+    replay = None
+    if groups[0]["experts"] is not None:
       layers, _, k_slots = groups[0]["experts"][0].shape
       replay = np.full((n, layers, t, k_slots), -1, np.int32)
     for j, gr in enumerate(groups):
@@ -245,22 +246,21 @@ class RolloutBatches:
         mask[row, len(p):len(p) + len(c)] = float(use) * sampled
         lengths.append(len(c))
         truncated.append(gr["truncated"][k])
-        if recorded:
+        if replay is not None:
           record = gr["experts"][k][:, :t]
           replay[row, :, :record.shape[1]] = record
     old = None
     if self.needs_old_logprobs:
       old = np.asarray(jax.device_get(jitted_logprobs(
-          language_model(policy), tokens, mask, cfg.temperature, replay if recorded else None)[0]))
-    targets, target_metrics = self._targets(policy, tokens, mask, old, rewards,
-                                            replay if recorded else None)
+          language_model(policy), tokens, mask, cfg.temperature, replay)[0]))
+    targets, target_metrics = self._targets(policy, tokens, mask, old, rewards, replay)
     order = np.random.default_rng([self.seed, self.rollouts, 1]).permutation(n)
     self.buffer = dict(tokens=tokens[order], completion_mask=mask[order],
                        sampler_logprobs=sampler[order],
                        **{k: v[order] for k, v in targets.items()})
     if old is not None:
       self.buffer["old_logprobs"] = old[order]
-    if recorded:
+    if replay is not None:
       self.buffer["replay_experts"] = replay[order]
     parts = {k: np.stack([gr["parts"][k] for gr in groups]) for k in groups[0]["parts"]}
     m = dict(reward=float(np.nanmean(rewards)), reward_std=float(np.nanstd(rewards)),

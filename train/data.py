@@ -178,16 +178,15 @@ def arrow_copy(path: str, column: str, cache_dir: str) -> str:
   schema = parquet.schema_arrow
   if column not in schema.names:
     raise ValueError(f"{path}: no column {column!r} (columns: {schema.names})")
-  kind = schema.field(column).type
-  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-    raise ValueError(f"{path}: column {column!r} holds {kind}, not strings")
+  field = schema.field(column)  # The file's own field: a REQUIRED column stays non-nullable.
+  if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+    raise ValueError(f"{path}: column {column!r} holds {field.type}, not strings")
   logging.info("data: copying column %r of %s into %s (memory-mapped from now on)", column, path,
                out)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   handle, tmp = tempfile.mkstemp(prefix=f"{key}.", suffix=".tmp", dir=os.path.dirname(out))
   os.close(handle)
   try:
-    field = schema.field(column)  # The file's own field: a REQUIRED column stays non-nullable.
     with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, pa.schema([field])) as w:
       row = 0
       for batch in parquet.iter_batches(columns=[column]):

@@ -8,10 +8,11 @@ One loss convention for every stage: `loss_fn(model, batch, frozen, step)` retur
 `(loss_sum, weight, aux)`, a sum and the weight it is a sum over (tokens, sequences or pairs).
 `aux["sums"]` are metric sums over the same weight (reported divided by it); `aux["totals"]` are
 counts reported as they are (`load` [L, E] feeds the router-bias update); the optional
-`aux["maxima"]` (float scalars) are reported as their maximum over micro-batches. Accumulation adds sums
-and weights over micro-batches and divides once, so a masked batch split into micro-batches gives
-the gradient of the whole batch. `frozen` holds parameter trees that are not trained (a reference
-policy, a reward model, LoRA's base weights): step arguments with their own shardings.
+`aux["maxima"]` (float scalars) are reported as their maximum over micro-batches. Accumulation
+adds sums and weights over micro-batches and divides once, so a masked batch split into
+micro-batches gives the gradient of the whole batch. `frozen` holds parameter trees that are not
+trained (a reference policy, a reward model, LoRA's base weights): step arguments with their own
+shardings.
 """
 
 from __future__ import annotations
