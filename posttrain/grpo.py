@@ -26,6 +26,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from model.sharding import MeshConfig, make_mesh
 from posttrain import lora
 from posttrain.environments import make_environment
 from posttrain.eval import greedy_probe
@@ -38,6 +39,8 @@ from posttrain.tasks import get_task, task_names
 from train.checkpoint import check_run_config
 from train.loop import Stage, loop_fields, run, run_model_fields
 from train.loss import sequence_logprobs
+from train.packing import PackLayout, batch_plan
+from train.parallel import batch_shards
 from train.step import router_totals
 
 AGGREGATIONS = ("sequence_mean", "token_mean", "constant")
@@ -151,13 +154,16 @@ def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None, temperature:
   [B, T] (1 on completion tokens, entry t predicting tokens[t]), `advantages` [B], the sampler's
   `sampler_logprobs` [B, T] and, when the rollout serves several updates, the rollout-time
   training log-probs `old_logprobs` [B, T]; without them the update is on-policy and the old
-  log-probs are this forward's own (stop-gradient: ratio 1, the gradient unchanged).
+  log-probs are this forward's own (stop-gradient: ratio 1, the gradient unchanged). A packing
+  plan (train/packing.py's keys) runs the forwards on packed rows.
   """
   def loss_fn(policy, batch, frozen, step):
     del step
     tokens, mask = batch["tokens"], batch["completion_mask"]
+    plan = batch_plan(batch)
     logp, _, out = sequence_logprobs(policy, tokens, mask, temperature=temperature,
-                                     with_output=True, replay_BLTK=batch.get("replay_experts"))
+                                     with_output=True, replay_BLTK=batch.get("replay_experts"),
+                                     packing=plan)
     old = batch.get("old_logprobs")
     old = jax.lax.stop_gradient(logp) if old is None else old
     per_token, clip = token_losses(cfg, logp, old, batch["advantages"], mask)
@@ -167,7 +173,8 @@ def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None, temperature:
       per_token = per_token * jax.lax.stop_gradient(tis)
     kl_sum = jnp.zeros(())
     if cfg.beta:
-      ref, _ = sequence_logprobs(reference(frozen), tokens, mask, temperature=temperature)
+      ref, _ = sequence_logprobs(reference(frozen), tokens, mask, temperature=temperature,
+                                 packing=plan)
       kl = kl_per_token(cfg.kl_estimator, logp, jax.lax.stop_gradient(ref)) * m
       per_token = per_token + cfg.beta * kl
       kl_sum = kl.sum()
@@ -287,7 +294,9 @@ def grpo_stage(c, workdir: str):
       c, workdir, lora=dataclasses.asdict(lora_cfg), grpo=dataclasses.asdict(gcfg),
       rollout=dataclasses.asdict(rcfg))
   cfg = policy.cfg
-  batches = rl_batches(c, rcfg, tokenizer, cfg, gcfg.advantage, gcfg.std_eps)
+  layout = PackLayout(cfg.max_seq_len, c.step.microbatches,
+                      batch_shards(make_mesh(MeshConfig(**dict(c.mesh)))))
+  batches = rl_batches(c, rcfg, tokenizer, cfg, gcfg.advantage, gcfg.std_eps, packing=layout)
   width = batches.width
   frozen, reference = None, None
   if gcfg.beta:

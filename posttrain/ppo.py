@@ -30,7 +30,7 @@ from posttrain.heads import ScoredModel
 from posttrain.rl import RolloutBatches, RolloutConfig
 from posttrain.start import frozen_copy
 from train.loop import Stage
-from train.loss import jitted_logprobs, token_logprobs
+from train.loss import jitted_logprobs, layers_first, token_logprobs
 from train.step import router_totals
 
 
@@ -93,14 +93,22 @@ def token_values(scores_BT):
   return jnp.pad(scores_BT[:, :-1], ((0, 0), (1, 0)))
 
 
+def scored_logprobs(model, tokens_BT, mask_BT, temperature: float = 1.0, replay_BLTK=None):
+  """One forward of a ScoredModel (policy trunk + value head): the per-token log-probs at
+  `temperature` (train.loss.token_logprobs), the values (`token_values`) and the trunk's output.
+  `replay_BLTK`: recorded experts per row (routing replay)."""
+  scores, out = model(tokens_BT, replay_LBTK=layers_first(replay_BLTK))
+  return token_logprobs(out.logits, tokens_BT, mask_BT, temperature), token_values(scores), out
+
+
 class PpoBatches(RolloutBatches):
   """Rollouts with per-token GAE targets: the RL batch source of PPO."""
 
   def __init__(self, *args, ppo: PpoConfig, reference, **kwargs):
     super().__init__(*args, **kwargs)
     self.ppo, self.reference, self.kl_coef = ppo, reference, ppo.kl_coef
-    self._values = nnx.jit(lambda model, tokens, replay: token_values(
-        model(tokens, replay_LBTK=replay)[0]))
+    self._forward = nnx.jit(lambda model, tokens, mask, replay, temperature: scored_logprobs(
+        model, tokens, mask, temperature, replay)[:2], static_argnames=("temperature",))
 
   needs_old_logprobs = True  # The KL penalty in the per-token rewards reads them.
 
@@ -111,8 +119,13 @@ class PpoBatches(RolloutBatches):
     super().set_state(state)
     self.kl_coef = float(state["kl_coef"])
 
-  def _targets(self, policy, tokens, mask, old, rewards_PG, replay):
-    p = self.ppo
+  def _rollout_forward(self, policy, tokens, mask, replay):
+    """The old log-probs and the values, from one forward of the policy and its value head."""
+    logp, values = self._forward(policy, tokens, mask, replay, temperature=self.cfg.temperature)
+    return dict(old_logprobs=np.asarray(logp), values=np.asarray(values, np.float64) * mask)
+
+  def _targets(self, tokens, mask, forward, rewards_PG):
+    p, old, values = self.ppo, forward["old_logprobs"], forward["values"]
     scores = np.asarray(rewards_PG, np.float64).reshape(-1)
     finite = np.isfinite(scores)
     if p.whiten_rewards and finite.sum() > 1:
@@ -127,8 +140,6 @@ class PpoBatches(RolloutBatches):
       steps = np.flatnonzero(mask[b] > 0)
       if steps.size:
         rewards_BT[b, steps[-1]] += scores[b]
-    replay_LBTK = None if replay is None else np.swapaxes(replay, 0, 1)
-    values = np.asarray(self._values(policy, tokens, replay_LBTK), np.float64) * mask
     adv, returns = gae(rewards_BT, values, mask, p.gamma, p.lam)
     on = mask > 0
     if on.sum() > 1:  # Whitened over the batch's completion tokens.
@@ -152,13 +163,11 @@ def ppo_loss(cfg: PpoConfig, temperature: float = 1.0):
   def loss_fn(model, batch, frozen, step):
     del frozen, step
     tokens, mask = batch["tokens"], batch["completion_mask"]
-    replay = batch.get("replay_experts")  # Routing replay: [B, L, T, K] -> [L, B, T, K].
-    scores, out = model(tokens, replay_LBTK=None if replay is None else jnp.swapaxes(replay, 0, 1))
-    logp = token_logprobs(out.logits, tokens, mask, temperature)
+    logp, values, out = scored_logprobs(model, tokens, mask, temperature,
+                                        batch.get("replay_experts"))
     policy_BT, clip = token_losses(surrogate, logp, batch["old_logprobs"], batch["advantages"],
                                    mask)
     m = mask.astype(jnp.float32)
-    values = token_values(scores)
     value_BT = value_losses(values, batch["old_values"], batch["returns"], cfg.value_clip) * m
     loss_sum = policy_BT.sum() + cfg.vf_coef * value_BT.sum()
     weight = m.sum()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -33,6 +33,7 @@ from posttrain.environments import run_episodes
 from posttrain.rewards import RewardSet
 from posttrain.tasks import Problem
 from train.loss import jitted_logprobs
+from train.packing import PackLayout
 
 OVERLONG = ("keep", "filter")
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
@@ -112,9 +113,10 @@ class RolloutBatches:
 
   def __init__(self, problems: Sequence[Problem], tokenizer, rewards: RewardSet,
                cfg: RolloutConfig, advantage: str, seed: int = 0,
-               std_eps: float = 1e-4, environment=None):
+               std_eps: float = 1e-4, environment=None, packing: Optional[PackLayout] = None):
     """`environment(problem) -> Environment` (posttrain/environments.py) makes each completion a
-    multi-turn episode when cfg.environment is set."""
+    multi-turn episode when cfg.environment is set. `packing`: each served mini-batch carries a
+    plan (train/packing.py) that packs its rows for the forward, whose loss must read it."""
     if not problems:
       raise ValueError("RolloutBatches: no problems to sample prompts from")
     if bool(cfg.environment) != (environment is not None):
@@ -122,7 +124,7 @@ class RolloutBatches:
                        "together")
     self.problems, self.tokenizer, self.rewards, self.cfg = list(problems), tokenizer, rewards, cfg
     self.advantage, self.seed, self.std_eps = advantage, seed, std_eps
-    self.environment = environment
+    self.environment, self.packing = environment, packing
     self.prompt_ids = [
         chat.encode_prompt(tokenizer, environment(p).reset(p)) if environment else
         rollout.prompt_tokens(tokenizer, p, "chat") for p in self.problems]
@@ -227,7 +229,7 @@ class RolloutBatches:
     sampler = np.zeros((n, t), np.float32)
     rewards = np.stack([gr["total"] for gr in groups])  # [P, G]
     finite = np.isfinite(rewards)
-    lengths, truncated = [], []
+    lengths, truncated, row_lengths = [], [], []
     # Recorded experts: [rows, moe layers, T, K], -1 (route as usual) where nothing was recorded.
     replay = None
     if groups[0]["experts"] is not None:
@@ -245,16 +247,17 @@ class RolloutBatches:
         sampled = 1.0 if gr["loss_mask"] is None else gr["loss_mask"][k]  # 0: observations.
         mask[row, len(p):len(p) + len(c)] = float(use) * sampled
         lengths.append(len(c))
+        row_lengths.append(len(p) + len(c))
         truncated.append(gr["truncated"][k])
         if replay is not None:
           record = gr["experts"][k][:, :t]
           replay[row, :, :record.shape[1]] = record
-    old = None
-    if self.needs_old_logprobs:
-      old = np.asarray(jax.device_get(jitted_logprobs(
-          language_model(policy), tokens, mask, cfg.temperature, replay)[0]))
-    targets, target_metrics = self._targets(policy, tokens, mask, old, rewards, replay)
+    forward = self._rollout_forward(policy, tokens, mask, replay) if self.needs_old_logprobs \
+        else {}
+    old = forward.get("old_logprobs")
+    targets, target_metrics = self._targets(tokens, mask, forward, rewards)
     order = np.random.default_rng([self.seed, self.rollouts, 1]).permutation(n)
+    self.row_lengths = np.asarray(row_lengths)[order]  # Real tokens per row (for packing).
     self.buffer = dict(tokens=tokens[order], completion_mask=mask[order],
                        sampler_logprobs=sampler[order],
                        **{k: v[order] for k, v in targets.items()})
@@ -285,12 +288,19 @@ class RolloutBatches:
     forward."""
     return self.cfg.updates_per_rollout > 1
 
-  def _targets(self, policy, tokens, mask, old, rewards_PG, replay) -> tuple[dict, dict]:
+  def _rollout_forward(self, policy, tokens, mask, replay) -> dict:
+    """What the rollout takes from one training forward under its weights, before its updates
+    (when `needs_old_logprobs`): {"old_logprobs": [rows, T]} (PPO's batch source adds the values
+    from the same forward). `replay`: the rows' recorded experts [rows, moe layers, T, K], or
+    None."""
+    logp = jitted_logprobs(language_model(policy), tokens, mask, self.cfg.temperature, replay)[0]
+    return dict(old_logprobs=np.asarray(jax.device_get(logp)))
+
+  def _targets(self, tokens, mask, forward, rewards_PG) -> tuple[dict, dict]:
     """What the objective trains on besides tokens and log-probs, per row in rollout order, and
     metrics: here the group advantages [rows] (PPO's batch source computes per-token GAE).
-    `old`: the training forward's log-probs when `needs_old_logprobs`, else None; `replay`: the
-    rows' recorded experts [rows, moe layers, T, K], or None."""
-    del policy, tokens, mask, old, replay
+    `forward`: `_rollout_forward`'s results ({} when the rollout takes none)."""
+    del tokens, mask, forward
     advantages = group_advantages(rewards_PG, self.advantage, self.std_eps)
     return dict(advantages=advantages.reshape(-1).astype(np.float32)), {}
 
@@ -303,7 +313,10 @@ class RolloutBatches:
       self._rollout(policy)
     start = (position % self.cfg.minibatches) * per
     self.served += 1
-    return {k: v[start:start + per] for k, v in self.buffer.items()}
+    batch = {k: v[start:start + per] for k, v in self.buffer.items()}
+    plan = (self.packing.plan(self.row_lengths[start:start + per], self.width)
+            if self.packing is not None else None)
+    return batch if plan is None else dict(batch, **plan)
 
   def pop_metrics(self) -> dict:
     """Means of the rollout metrics since the last call (empty when there was no rollout)."""

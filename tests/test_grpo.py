@@ -14,6 +14,7 @@ from posttrain import chat
 from posttrain.grpo import GrpoConfig, aggregate, grpo_loss, kl_per_token, token_losses
 from posttrain.rewards import RewardSet, length_penalty, step_accuracy, think_format
 from posttrain.rl import RolloutBatches, RolloutConfig, group_advantages
+from train.packing import KEYS as packing_keys, PackLayout
 
 RNG = np.random.default_rng(0)
 
@@ -219,6 +220,49 @@ def _grpo_loss(policy, batch, temperature=1.0):
 
 def _parity(prompts, completions, **fields):
   return [float(len(c) % 2) for c in completions]
+
+
+def test_packed_batches_give_the_padded_loss_and_gradient_per_micro_batch(world):
+  """A packing layout adds a plan to each served batch and changes nothing else; the loss summed
+  over the two micro-batches (each with its own packed rows) and its gradient are the padded
+  batch's, routing replay included."""
+  from flax import nnx
+  import dataclasses
+  policy, tok, problems = world
+  problems = [dataclasses.replace(p, prompt=p.prompt[:8]) for p in problems[:8]] + problems[8:]
+  cfg = RolloutConfig(prompts=4, samples=4, max_new_tokens=6, temperature=0.7, routing_replay=True)
+  distinct = lambda prompts, completions, **f: [float(len(set(c))) for c in completions]
+  make = lambda layout: RolloutBatches(problems, tok, RewardSet({"distinct": distinct},
+                                                                {"distinct": 1.0}),
+                                       cfg, "grpo", seed=5, packing=layout).next_batch(policy)
+  padded = make(None)
+  packed = make(PackLayout(policy.cfg.max_seq_len, chunks=2, min_rows=1, factor=2.0))
+  assert set(packed) - set(padded) == set(packing_keys)
+  for k in padded:
+    np.testing.assert_array_equal(packed[k], padded[k])
+  per = len(packed["pack_source"]) // 2
+  assert per < 8  # Fewer rows than each micro-batch's 8.
+  loss = grpo_loss(GrpoConfig(), 6, temperature=0.7)
+
+  @nnx.jit
+  def value_and_grad(model, batch):
+    return nnx.value_and_grad(lambda m: loss(m, batch, None, 0)[:2], has_aux=True)(model)
+
+  def micro_batches(batch):
+    for c in range(2):
+      yield {k: v[c * (len(v) // 2):(c + 1) * (len(v) // 2)] for k, v in batch.items()}
+
+  results = {}
+  for name, batch in (("padded", padded), ("packed", packed)):
+    parts = [value_and_grad(policy, jax.tree.map(jnp.asarray, b)) for b in micro_batches(batch)]
+    results[name] = (sum(float(p[0][0]) for p in parts), sum(float(p[0][1]) for p in parts),
+                     jax.tree.map(lambda *g: sum(g), *[p[1] for p in parts]))
+  assert results["packed"][1] == results["padded"][1] == 16
+  np.testing.assert_allclose(results["packed"][0], results["padded"][0], atol=1e-5)
+  leaves = lambda name: jax.tree.leaves(results[name][2])
+  assert max(float(jnp.abs(g).max()) for g in leaves("padded")) > 1e-3
+  for g, w in zip(leaves("packed"), leaves("padded")):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
 
 
 def test_rollout_batches_masks_logprobs_epochs_and_exact_resume(world):

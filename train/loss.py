@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from train import packing as packing_lib
+
 
 def token_cross_entropy(logits_BTY, targets_BT, weights_BT):
   """(sum of weighted cross-entropies, sum of weights), in float32."""
@@ -43,8 +45,15 @@ def token_logprobs(logits_BTY, tokens_BT, mask_BT, temperature: float = 1.0):
   return jnp.pad(picked_BT, ((0, 0), (1, 0))) * mask_BT.astype(jnp.float32).at[:, 0].set(0)
 
 
+def layers_first(replay_BLTK):
+  """Recorded experts as batches hold them, [rows, MoE layers, T, K], in the model's layout
+  [MoE layers, rows, T, K] (None stays None)."""
+  return None if replay_BLTK is None else jnp.swapaxes(replay_BLTK, 0, 1)
+
+
 def sequence_logprobs(model, tokens_BT, mask_BT, positions_BT=None, segment_ids_BT=None,
-                      temperature: float = 1.0, with_output: bool = False, replay_BLTK=None):
+                      temperature: float = 1.0, with_output: bool = False, replay_BLTK=None,
+                      packing=None):
   """Log-probabilities of `tokens` under `model`: (per token [B, T], per-sequence sum [B]), and
   the model's output (router statistics, hidden states) third when `with_output`.
 
@@ -52,10 +61,24 @@ def sequence_logprobs(model, tokens_BT, mask_BT, positions_BT=None, segment_ids_
   first token has no prediction and is always 0). The one log-prob function of every stage: SFT
   metrics, DPO, PPO, GRPO and the AI-feedback judge. `replay_BLTK`: experts recorded by the
   sampler per row, MoE layer, position and slot (routing replay; -1: route as usual).
+  `packing`: a plan of train/packing.py for right-padded rows (positions and segments then come
+  from it): the forward runs on the packed rows, the results come back in the rows' layout (the
+  output's router statistics and hidden states stay packed).
   """
-  replay = None if replay_BLTK is None else jnp.swapaxes(replay_BLTK, 0, 1)
-  out = model(tokens_BT, positions_BT, segment_ids_BT, replay)
-  per_token_BT = token_logprobs(out.logits, tokens_BT, mask_BT, temperature)
+  if packing is None:
+    out = model(tokens_BT, positions_BT, segment_ids_BT, layers_first(replay_BLTK))
+    per_token_BT = token_logprobs(out.logits, tokens_BT, mask_BT, temperature)
+  else:
+    if positions_BT is not None or segment_ids_BT is not None:
+      raise ValueError("sequence_logprobs: a packing plan gives the positions and segments")
+    source, positions = packing["pack_source"], packing["pack_positions"]
+    tokens = packing_lib.pack(tokens_BT, source)
+    mask = packing_lib.pack(mask_BT, source) * (positions > 0)  # A row's first token: no target.
+    replay = None if replay_BLTK is None else jnp.moveaxis(  # [B, L, T, K] -> [L, R, W, K]
+        packing_lib.pack(jnp.moveaxis(replay_BLTK, 1, 2), source, fill=-1), 2, 0)
+    out = model(tokens, positions, packing["pack_segments"], replay)
+    per_token_BT = packing_lib.unpack(token_logprobs(out.logits, tokens, mask, temperature),
+                                      packing["pack_target"])
   if with_output:
     return per_token_BT, per_token_BT.sum(-1), out
   return per_token_BT, per_token_BT.sum(-1)

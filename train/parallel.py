@@ -87,6 +87,11 @@ def batch_sharding(mesh: Mesh, global_batch: int) -> NamedSharding:
   return NamedSharding(mesh, sharding.batch_spec(1, mesh, global_batch))
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many parts the mesh splits a batch's rows into (the product of the batch axes)."""
+  return int(np.prod([mesh.shape[a] for a in sharding.LOGICAL_AXES["batch"]]))
+
+
 def check_batch_layout(batch_size: int, microbatches: int, mesh: Mesh,
                        source: str = "config.data.batch_size") -> None:
   """ValueError unless `microbatches` divides the global batch and each micro-batch divides over
@@ -95,8 +100,8 @@ def check_batch_layout(batch_size: int, microbatches: int, mesh: Mesh,
   if microbatches < 1 or batch_size % microbatches:
     raise ValueError(f"config.step.microbatches {microbatches} must be >= 1 and divide the batch "
                      f"of {batch_size} rows ({source})")
-  axes = {a: mesh.shape[a] for a in ("data", "fsdp", "expert")}
-  shards = int(np.prod(list(axes.values())))
+  axes = {a: mesh.shape[a] for a in sharding.LOGICAL_AXES["batch"]}
+  shards = batch_shards(mesh)
   if (batch_size // microbatches) % shards:
     raise ValueError(f"a micro-batch of {batch_size // microbatches} rows (batch {batch_size} "
                      f"from {source} / {microbatches} micro-batches) does not divide over the "
