@@ -178,10 +178,12 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
                segment_ids_BT: Optional[jax.Array] = None,
-               replay_LBTK: Optional[jax.Array] = None) -> ModelOutput:
+               replay_LBTK: Optional[jax.Array] = None, mtp: bool = True) -> ModelOutput:
     """Logits for int tokens [B, T]; positions default to 0..T-1, segments to one document per row.
     `replay_LBTK` (routing replay): experts [moe layers, B, T, K] the main model's MoE layers use
-    instead of routing (entries < 0: route as usual), e.g. those the sampler recorded."""
+    instead of routing (entries < 0: route as usual), e.g. those the sampler recorded.
+    `mtp=False` skips the MTP modules (no mtp_logits, and router statistics of the main layers
+    only): a caller that reads only the next-token logits saves their forward."""
     b, t = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -191,7 +193,7 @@ class Transformer(nnx.Module):
     hidden_BTD = self.final_norm(h)
     logits = self.output_logits(hidden_BTD)
     mtp_logits, all_stats = [], [stats]
-    for depth, module in enumerate(self.mtp, start=1):
+    for depth, module in enumerate(self.mtp if mtp else (), start=1):
       next_tokens = jnp.pad(tokens_BT[:, depth:], ((0, 0), (0, depth)))
       h, mtp_stats = module(h, self.embed(next_tokens), positions_BT, segment_ids_BT)
       mtp_logits.append(self.output_logits(module.norm(h)))

@@ -36,8 +36,9 @@ class ScoredModel(nnx.Module):
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, replay_LBTK=None):
     """(scores [B, T] float32, the trunk's ModelOutput). `replay_LBTK`: recorded experts per MoE
-    layer (routing replay, as for the Transformer)."""
-    out = self.trunk(tokens_BT, positions_BT, segment_ids_BT, replay_LBTK)
+    layer (routing replay, as for the Transformer). The trunk's MTP modules are not run: a head
+    reads the final hidden states only."""
+    out = self.trunk(tokens_BT, positions_BT, segment_ids_BT, replay_LBTK, mtp=False)
     scores_BT = out.hidden.astype(jnp.float32) @ self.score[...] + self.score_bias[...]
     return scores_BT, out
 

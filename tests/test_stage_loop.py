@@ -12,7 +12,7 @@ from model.sampling import SamplingConfig
 from model.transformer import forward, init_model
 from tests.conftest import small_config
 from train import optimizer as opt
-from train.loss import sequence_logprobs
+from train.loss import jitted_logprobs, sequence_logprobs
 from train.step import StepConfig, create_train_state, make_train_step
 
 
@@ -76,12 +76,20 @@ def test_sequence_logprobs_against_a_direct_loop():
   model = init_model(cfg, seed=3)
   tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
   mask = jnp.asarray([[1] * 9, [0] * 4 + [1] * 5], jnp.float32)
-  per_token, total = sequence_logprobs(model, tokens, mask, temperature=0.7)
+  per_token, total = jitted_logprobs(model, tokens, mask, temperature=0.7)
+  # Each prefix followed by other, random tokens (one forward of 16 rows): causality and the
+  # gather checked together.
+  rng = np.random.default_rng(1)
+  prefixes = [np.concatenate([tokens[b, :t], rng.integers(0, cfg.vocab_size, 9 - t)])
+              for b in range(2) for t in range(1, 9)]
+  logits = np.asarray(forward(model, jnp.asarray(np.stack(prefixes), jnp.int32)).logits,
+                      np.float64) / 0.7
   for b in range(2):
     expected = []
-    for t in range(1, 9):  # Each prefix alone: causality and the gather checked together.
-      logits = forward(model, tokens[b:b + 1, :t]).logits[0, -1] / 0.7
-      expected.append(float(jax.nn.log_softmax(logits)[tokens[b, t]]) * float(mask[b, t]))
+    for t in range(1, 9):
+      row = logits[8 * b + t - 1, t - 1]
+      log_softmax = row - row.max() - np.log(np.exp(row - row.max()).sum())
+      expected.append(log_softmax[int(tokens[b, t])] * float(mask[b, t]))
     np.testing.assert_allclose(per_token[b, 1:], expected, atol=1e-5)
     assert float(per_token[b, 0]) == 0
     np.testing.assert_allclose(total[b], sum(expected), atol=1e-4)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from model.transformer import init_model
 from tests.conftest import small_config
@@ -92,6 +93,26 @@ def test_router_bias_moves_towards_balance():
                              [[-0.001, 0.001, 0, 0], [0, 0, 0, 0]])
   np.testing.assert_allclose(new["mtp"][0]["block"]["ffn"]["router"]["bias"],
                              [0.001, -0.001, 0.001, 0.001])
+  # A forward without the MTP modules reports the main layers only: their biases move, the MTP
+  # block's stays.
+  main_only = router_bias_update(extra, load[:2], 0.001)
+  np.testing.assert_allclose(main_only["moe_layers"]["ffn"]["router"]["bias"],
+                             new["moe_layers"]["ffn"]["router"]["bias"])
+  np.testing.assert_array_equal(main_only["mtp"][0]["block"]["ffn"]["router"]["bias"], 0.0)
+
+
+def test_a_forward_without_mtp_keeps_the_logits_and_drops_the_mtp_outputs(cfg):
+  from model.transformer import forward
+  model = init_model(cfg, seed=0)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+  full = forward(model, tokens)
+  short = nnx.jit(lambda m, t: m(t, mtp=False))(model, tokens)
+  np.testing.assert_array_equal(short.logits, full.logits)
+  assert short.mtp_logits is None and full.mtp_logits.shape[0] == cfg.mtp_depth == 1
+  layers = cfg.num_moe_layers
+  assert short.router.tokens_per_expert.shape[0] == layers
+  np.testing.assert_array_equal(short.router.tokens_per_expert,
+                                full.router.tokens_per_expert[:layers])
 
 
 def test_mtp_targets_stay_inside_documents():

@@ -60,13 +60,15 @@ def sequence_logprobs(model, tokens_BT, mask_BT, positions_BT=None, segment_ids_
   Entry t is log p(tokens[t] | tokens[:t]) at `temperature` where mask[t] is set, else 0 (the
   first token has no prediction and is always 0). The one log-prob function of every stage: SFT
   metrics, DPO, PPO, GRPO and the AI-feedback judge. `replay_BLTK`: experts recorded by the
-  sampler per row, MoE layer, position and slot (routing replay; -1: route as usual).
+  sampler per row, MoE layer, position and slot (routing replay; -1: route as usual). The MTP
+  modules are not run (the output has no mtp_logits; its router statistics are the main
+  layers').
   `packing`: a plan of train/packing.py for right-padded rows (positions and segments then come
   from it): the forward runs on the packed rows, the results come back in the rows' layout (the
   output's router statistics and hidden states stay packed).
   """
   if packing is None:
-    out = model(tokens_BT, positions_BT, segment_ids_BT, layers_first(replay_BLTK))
+    out = model(tokens_BT, positions_BT, segment_ids_BT, layers_first(replay_BLTK), mtp=False)
     per_token_BT = token_logprobs(out.logits, tokens_BT, mask_BT, temperature)
   else:
     if positions_BT is not None or segment_ids_BT is not None:
@@ -76,7 +78,7 @@ def sequence_logprobs(model, tokens_BT, mask_BT, positions_BT=None, segment_ids_
     mask = packing_lib.pack(mask_BT, source) * (positions > 0)  # A row's first token: no target.
     replay = None if replay_BLTK is None else jnp.moveaxis(  # [B, L, T, K] -> [L, R, W, K]
         packing_lib.pack(jnp.moveaxis(replay_BLTK, 1, 2), source, fill=-1), 2, 0)
-    out = model(tokens, positions, packing["pack_segments"], replay)
+    out = model(tokens, positions, packing["pack_segments"], replay, mtp=False)
     per_token_BT = packing_lib.unpack(token_logprobs(out.logits, tokens, mask, temperature),
                                       packing["pack_target"])
   if with_output:

@@ -10,7 +10,8 @@ so a loss written over the padded rows runs unchanged on the packed forward.
 The plan packs each contiguous chunk of B / chunks rows (the train step's micro-batches) into its
 own R / chunks rows, so the indices stay local to a micro-batch. R per chunk is rounded up to a
 multiple of `row_multiple` (the batch shards, so every micro-batch divides over the mesh) and of
-an eighth of the chunk (so a run compiles a handful of shapes, not one per batch).
+a sixteenth of the chunk (so a run compiles a few shapes, not one per batch: on the built-in
+GRPO recipe, 256 rows of 83 tokens pack into 128 or 144 rows of 128).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def plan_packing(lengths: Sequence[int], width: int, row_len: int, chunks: int =
   if b % chunks:
     raise ValueError(f"{b} rows do not split into {chunks} chunks")
   per = b // chunks
-  granule = math.lcm(max(1, row_multiple), max(1, per // 8))
+  granule = math.lcm(max(1, row_multiple), max(1, per // 16))
   fits = [first_fit_decreasing(lengths[c * per:(c + 1) * per], row_len) for c in range(chunks)]
   r = -(-max(len(f) for f in fits) // granule) * granule
   if r * row_len >= per * width:

@@ -141,8 +141,10 @@ def pretrain_loss(cfg: "StepConfig"):
 
 
 def router_bias_update(extra: dict, load_LE: jax.Array, gamma) -> dict:
-  """bias_i += gamma * sign(mean load - load_i) for every MoE layer, main layers then MTP blocks.
-  A model with a head on a trunk (reward and value models) keeps the trunk's under "trunk"."""
+  """bias_i += gamma * sign(mean load - load_i) for every MoE layer, main layers then MTP blocks;
+  MTP blocks keep their biases when `load_LE` has rows for the main layers only (a forward that
+  skipped them). A model with a head on a trunk (reward and value models) keeps the trunk's under
+  "trunk"."""
   if "trunk" in extra:
     return dict(extra, trunk=router_bias_update(extra["trunk"], load_LE, gamma))
   delta_LE = gamma * jnp.sign(load_LE.mean(-1, keepdims=True) - load_LE)
@@ -152,7 +154,7 @@ def router_bias_update(extra: dict, load_LE: jax.Array, gamma) -> dict:
     bias = extra["moe_layers"]["ffn"]["router"]["bias"]
     n = bias.shape[0]
     extra["moe_layers"]["ffn"]["router"]["bias"] = bias + delta_LE[:n]
-  for k in sorted(extra.get("mtp", {})):
+  for k in sorted(extra.get("mtp", {})) if load_LE.shape[0] > n else ():
     router = extra["mtp"][k]["block"]["ffn"]["router"]
     router["bias"] = router["bias"] + delta_LE[n]
     n += 1
