@@ -92,7 +92,9 @@ def absorbed_attention(attn: MLAttention, x_BTD, positions_BT, latent_BSR, k_rop
   logits_BNTS = (jnp.einsum("BTNR,BSR->BNTS", q_latent_BTNR, latent_BSR.astype(dt), **f32)
                  + jnp.einsum("BTNP,BSP->BNTS", q_rope, k_rope_BSP.astype(dt), **f32))
   probs_BNTS = masked_softmax(logits_BNTS * cfg.softmax_scale, mask_B1TS, dt)
-  context_BTNR = jnp.einsum("BNTS,BSR->BTNR", probs_BNTS, latent_BSR.astype(dt))
+  # [B, N x T, S] @ [B, S, R]: a plain batched matmul (XNNPACK on CPU), then heads after time.
+  context_BTNR = jnp.swapaxes(jnp.einsum("BNTS,BSR->BNTR", probs_BNTS, latent_BSR.astype(dt)),
+                              1, 2)
   return attn.o(jnp.einsum("BTNR,RNV->BTNV", context_BTNR, w_v_RNV))
 
 
