@@ -60,6 +60,12 @@ def test_arithmetic_verifier_right_wrong_malformed():
   assert task.verify(p, "<think>Step 1: 3 + 4 = 7.</think>15").score == 0
   assert task.verify(p, "fourteen").reason == "no final answer"
   assert task.verify(p, "").score == 0
+  for answer in ("\\boxed{14}", "x = 14", "$14$", "28/2", "14."):
+    assert task.verify(p, f"<think>r</think>{answer}").correct, answer
+  # The question restated is not an answer (math-verify alone would find it equal to 14).
+  for answer in ("(3 + 4) * 2", "7 * 2", "\\boxed{(3 + 4) * 2}", "2 \\cdot 7"):
+    verdict = task.verify(p, f"<think>Step 1: 3 + 4 = 7.</think>{answer}")
+    assert verdict.score == 0 and verdict.reason.startswith("not a number"), answer
 
 
 def test_countdown_verifier():
@@ -154,12 +160,14 @@ def test_gsm8k_and_math_loaders(tmp_path):
   (p,) = task.problems("test", 0)
   assert p.answer == "7" and p.solution == "<think>3 + 4 = 7</think>7"
   assert task.verify(p, "<think>...</think>7").correct and not task.verify(p, "#### 8").correct
+  assert task.verify(p, "#### 7.0").correct and not task.verify(p, "#### 3 + 4").correct
   math = tmp_path / "math.jsonl"
   math.write_text(json.dumps({"problem": "Half of one?", "solution": "It is $\\boxed{\\frac12}$.",
                               "level": "Level 2"}) + "\n")
   (q,) = get_task("math", data=str(math)).problems("test", 5)
   assert q.answer == "\\frac12" and q.difficulty == 2
   assert get_task("math", data=str(math)).verify(q, "The answer is \\boxed{0.5}").correct
+  assert get_task("math", data=str(math)).verify(q, "\\boxed{\\frac{2}{4}}").correct  # Symbolic.
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n{oops\n")
   with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):

@@ -13,7 +13,7 @@ import re
 
 from posttrain.chat import assistant_content, parse_response
 from posttrain.tasks.base import Problem, Verdict, distinct, field
-from posttrain.tasks.math import answers_match, extract_answer
+from posttrain.tasks.math import answers_match, as_number, extract_answer
 from train import corpus
 from train.corpus import OPS, calculation_key, calculation_steps, is_held_out, random_chain
 
@@ -36,12 +36,19 @@ def final_answer(response: str) -> str | None:
   return extract_answer(parsed.answer)
 
 
-def verify_stated_answer(problem: Problem, response: str) -> Verdict:
+def verify_stated_answer(problem: Problem, response: str, numeric: bool = False) -> Verdict:
   """1 when the response's final answer (`final_answer`) is mathematically equal to the
-  problem's reference answer, else 0 with the reason."""
+  problem's reference answer, else 0 with the reason.
+
+  `numeric`: the answer must be a number (integer, decimal or a/b; `math.as_number`), as a
+  computation's answer is. Without it "(3 + 4) * 2", the question restated, equals 14 under
+  math-verify's symbolic comparison: GRPO found that (a policy answering every arithmetic
+  problem with its own expression scored 0.87 on two-step problems)."""
   answer = final_answer(response)
   if answer is None:
     return Verdict(0.0, "no final answer")
+  if numeric and as_number(answer) is None:
+    return Verdict(0.0, f"not a number: {answer[:40]!r}")
   if answers_match(answer, problem.answer):
     return Verdict(1.0, f"correct: {problem.answer[:40]}")
   return Verdict(0.0, f"wrong: {answer[:40]!r}, expected {problem.answer[:40]!r}")
@@ -83,8 +90,8 @@ class Arithmetic:
     return distinct(sample, count, split, is_held_out)
 
   def verify(self, problem: Problem, response: str) -> Verdict:
-    """1 when the stated final answer equals the reference value, else 0."""
-    return verify_stated_answer(problem, response)
+    """1 when the stated final answer is a number equal to the reference value, else 0."""
+    return verify_stated_answer(problem, response, numeric=True)
 
   def step_score(self, problem: Problem, response: str) -> float:
     """The fraction of the problem's operations that the response's reasoning carries out right

@@ -76,5 +76,6 @@ class MathData:
     return problems[:count] if count > 0 else problems
 
   def verify(self, problem: Problem, response: str) -> Verdict:
-    """1 when the stated final answer is mathematically equal to the reference, else 0."""
-    return verify_stated_answer(problem, response)
+    """1 when the stated final answer is mathematically equal to the reference, else 0. A
+    GSM8K answer must be a number (as its `#### N` is), a MATH answer may be any expression."""
+    return verify_stated_answer(problem, response, numeric=self.format == "gsm8k")
