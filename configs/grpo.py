@@ -65,7 +65,7 @@ def get_config(arg=None):
     c.grpo.update(surrogate="cispo", eps_high=2.0, aggregation="token_mean")
   elif arg == "rloo":
     c.grpo.update(advantage="rloo", aggregation="token_mean")
-  elif arg == "reasoning":  # Built-in arithmetic: +4.9 points held out in 300 steps (README).
+  elif arg == "reasoning":  # Arithmetic: +4.9, +9.3 points held out in two seeds (README).
     c.data.tasks = "arithmetic"
     c.rewards.steps = 1.0  # With the answer's accuracy: right steps, not lucky answers.
     c.rollout.update(prompts=32, batch_size=128)  # 256 completions per update: at 8 x 8 the
