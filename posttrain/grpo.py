@@ -5,6 +5,10 @@ Advantages (per completion, over its group of G samples of one prompt):
   grpo     (r - mean) / (std + eps), std with Bessel's correction as TRL computes it
   dr_grpo  r - mean (Dr. GRPO: no std scaling)
   rloo     r - mean of the other G - 1 (RLOO's leave-one-out baseline)
+  process  per token (DeepSeekMath's process supervision): each step's share of the step reward
+           (rewards.steps) is an event on the token where the step ends, the rest of the reward
+           one on the last token; a group's events are normalised together by their mean and
+           std, and a token's advantage is the sum of its completion's events at or after it
 Ratio: per token exp(logp - old), or per sequence (GSPO: exp of the length-normalised sum, the
 same for every token of the completion). Surrogate:
   clip     -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), with dual-clip
@@ -32,7 +36,8 @@ from posttrain.environments import make_environment
 from posttrain.eval import greedy_probe
 from posttrain.plots import overoptimisation_plot, stage_plot
 from posttrain.reward_model import reward_function
-from posttrain.rewards import RewardSet, length_penalty, step_accuracy, task_accuracy, think_format
+from posttrain.rewards import (RewardSet, length_penalty, step_accuracy, step_credits,
+                               task_accuracy, think_format)
 from posttrain.rl import ADVANTAGES, RolloutBatches, RolloutConfig
 from posttrain.start import frozen_copy, load_chat_model, tokenizer_record
 from posttrain.tasks import get_task, task_names
@@ -151,11 +156,12 @@ def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None, temperature:
   sampled, as TRL does.
 
   The batch holds `tokens` [B, T] (prompt then completion, right-padded), `completion_mask`
-  [B, T] (1 on completion tokens, entry t predicting tokens[t]), `advantages` [B], the sampler's
-  `sampler_logprobs` [B, T] and, when the rollout serves several updates, the rollout-time
-  training log-probs `old_logprobs` [B, T]; without them the update is on-policy and the old
-  log-probs are this forward's own (stop-gradient: ratio 1, the gradient unchanged). A packing
-  plan (train/packing.py's keys) runs the forwards on packed rows.
+  [B, T] (1 on completion tokens, entry t predicting tokens[t]), `advantages` [B] (or [B, T]
+  per token), the sampler's `sampler_logprobs` [B, T] and, when the rollout serves several
+  updates, the rollout-time training log-probs `old_logprobs` [B, T]; without them the update
+  is on-policy and the old log-probs are this forward's own (stop-gradient: ratio 1, the
+  gradient unchanged). A packing plan (train/packing.py's keys) runs the forwards on packed
+  rows.
   """
   def loss_fn(policy, batch, frozen, step):
     del step
@@ -237,6 +243,11 @@ def rl_batches(c, rcfg: RolloutConfig, tokenizer, model_cfg, advantage: str = "g
     options = dict(max_turns=rcfg.max_turns, isolation=c.rewards.sandbox)
     make_environment(rcfg.environment, tasks[names[0]], **options)  # Checks the name early.
     environment = lambda p: make_environment(rcfg.environment, tasks[p.task], **options)
+  if advantage == "process":  # DeepSeekMath's process supervision: step rewards on their tokens.
+    if not c.rewards.steps:
+      raise ValueError("config.grpo.advantage='process' places the step reward on the tokens of "
+                       "each step: set config.rewards.steps > 0")
+    source_args["step_credit"] = step_credits(tasks, c.rewards.steps)
   batches = source(problems, tokenizer, RewardSet(rewards, weights), rcfg, advantage,
                    seed=c.data.seed, std_eps=std_eps, environment=environment, **source_args)
   if batches.sampling_width > model_cfg.max_seq_len:

@@ -124,7 +124,8 @@ class PpoBatches(RolloutBatches):
     logp, values = self._forward(policy, tokens, mask, replay, temperature=self.cfg.temperature)
     return dict(old_logprobs=np.asarray(logp), values=np.asarray(values, np.float64) * mask)
 
-  def _targets(self, tokens, mask, forward, rewards_PG):
+  def _targets(self, tokens, mask, forward, rewards_PG, events):
+    del events  # PPO's advantages are GAE's.
     p, old, values = self.ppo, forward["old_logprobs"], forward["values"]
     scores = np.asarray(rewards_PG, np.float64).reshape(-1)
     finite = np.isfinite(scores)

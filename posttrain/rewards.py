@@ -63,6 +63,20 @@ def step_accuracy(tasks: dict) -> Reward:
   return steps
 
 
+def step_credits(tasks: dict, weight: float):
+  """`step_accuracy` placed where it is earned, for the process advantage: a callable
+  `(problems, completions) -> per row [(character end, weight x credit)]`, one per step of the
+  problem (`task.step_credit`); each row's credits sum to weight x its step_accuracy."""
+  missing = sorted(n for n, t in tasks.items() if not hasattr(t, "step_credit"))
+  if missing:
+    raise ValueError(f"step_credits: task families {missing} have no step checks")
+
+  def credits(problems, completions):
+    return [[(end, weight * credit) for end, credit in tasks[p.task].step_credit(p, c)]
+            for p, c in zip(problems, completions)]
+  return credits
+
+
 def length_penalty(max_tokens: int, cache_tokens: int) -> Reward:
   """DAPO's soft overlong penalty on completion token counts (`lengths` field): 0 up to
   max_tokens - cache_tokens, then falling linearly to -1 at max_tokens (and -1 beyond)."""

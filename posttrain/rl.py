@@ -19,6 +19,7 @@ again (routing replay, for MoE stability).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import time
 from typing import Optional, Sequence
@@ -36,7 +37,7 @@ from train.loss import jitted_logprobs
 from train.packing import PackLayout
 
 OVERLONG = ("keep", "filter")
-ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "process")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +82,9 @@ class RolloutConfig:
 
 
 def group_advantages(rewards_PG: np.ndarray, kind: str, eps: float = 1e-4) -> np.ndarray:
-  """[P, G] advantages of G rewards per prompt (float64 numpy), by `kind` in ADVANTAGES.
-  Non-finite rewards get advantage 0 and are left out of their group's statistics."""
+  """[P, G] advantages of G rewards per prompt (float64 numpy), by `kind` in ADVANTAGES except
+  "process" (per token: `process_advantages`). Non-finite rewards get advantage 0 and are left
+  out of their group's statistics."""
   r = np.asarray(rewards_PG, np.float64)
   finite = np.isfinite(r)
   n = finite.sum(1, keepdims=True)
@@ -98,8 +100,32 @@ def group_advantages(rewards_PG: np.ndarray, kind: str, eps: float = 1e-4) -> np
       raise ValueError("rloo needs at least 2 samples per prompt")
     out = np.where(n > 1, r - (total - r) / np.maximum(n - 1, 1), 0.0)
   else:
-    raise ValueError(f"advantage must be one of {ADVANTAGES}, got {kind!r}")
+    raise ValueError(f"advantage must be one of {ADVANTAGES[:-1]}, got {kind!r}")
   return np.where(finite, out, 0.0)
+
+
+def process_advantages(events: Sequence, samples: int, width: int, eps: float = 1e-4
+                       ) -> np.ndarray:
+  """Per-token advantages [rows, width] under process supervision (DeepSeekMath, GRPO with
+  process rewards): each row's rewards are events (column, reward) where they are earned (a
+  step's credit where the step ends, the rest of the reward on the last token); each group of
+  `samples` consecutive rows normalises all its events together by their mean and (unbiased) std,
+  and a token's advantage is the sum of its row's normalised events at or after it. A row whose
+  events are None (a non-finite reward) gets 0 and is left out of its group's statistics."""
+  if len(events) % samples:
+    raise ValueError(f"process_advantages: {len(events)} rows are not groups of {samples}")
+  out = np.zeros((len(events), width), np.float64)
+  for first in range(0, len(events), samples):
+    group = [e for e in events[first:first + samples] if e is not None]
+    values = np.asarray([r for row in group for _, r in row], np.float64)
+    if values.size == 0:
+      continue
+    mean = values.mean()
+    std = np.sqrt(((values - mean) ** 2).sum() / max(values.size - 1, 1))
+    for row in range(first, first + samples):
+      for column, reward in events[row] or ():
+        out[row, :column + 1] += (reward - mean) / (std + eps)
+  return out
 
 
 def language_model(policy):
@@ -113,18 +139,25 @@ class RolloutBatches:
 
   def __init__(self, problems: Sequence[Problem], tokenizer, rewards: RewardSet,
                cfg: RolloutConfig, advantage: str, seed: int = 0,
-               std_eps: float = 1e-4, environment=None, packing: Optional[PackLayout] = None):
+               std_eps: float = 1e-4, environment=None, packing: Optional[PackLayout] = None,
+               step_credit=None):
     """`environment(problem) -> Environment` (posttrain/environments.py) makes each completion a
     multi-turn episode when cfg.environment is set. `packing`: each served mini-batch carries a
-    plan (train/packing.py) that packs its rows for the forward, whose loss must read it."""
+    plan (train/packing.py) that packs its rows for the forward, whose loss must read it.
+    `step_credit(problems, completions)`: per row, the (character end, reward) of each step's
+    weighted share of the total reward, which the "process" advantage places on the tokens that
+    earn it (the rest of the total goes on the last token)."""
     if not problems:
       raise ValueError("RolloutBatches: no problems to sample prompts from")
     if bool(cfg.environment) != (environment is not None):
       raise ValueError("RolloutBatches: rollout.environment and the environment factory go "
                        "together")
+    if advantage == "process" and (step_credit is None or environment is not None):
+      raise ValueError("RolloutBatches: the process advantage needs step credits and single-turn "
+                       "rollouts (no rollout.environment)")
     self.problems, self.tokenizer, self.rewards, self.cfg = list(problems), tokenizer, rewards, cfg
     self.advantage, self.seed, self.std_eps = advantage, seed, std_eps
-    self.environment, self.packing = environment, packing
+    self.environment, self.packing, self.step_credit = environment, packing, step_credit
     self.prompt_ids = [
         chat.encode_prompt(tokenizer, environment(p).reset(p)) if environment else
         rollout.prompt_tokens(tokenizer, p, "chat") for p in self.problems]
@@ -190,7 +223,26 @@ class RolloutBatches:
       texts = [rollout.response_text(self.tokenizer, ids, "chat") for ids in out.tokens]
     total, parts = self.rewards([p.prompt for p in problems], texts, problems=problems,
                                 lengths=[len(t) for t in out.tokens])
-    return prompts, out, texts, total, parts
+    events = (self._reward_events(problems, texts, out.tokens, total)
+              if self.advantage == "process" else [None] * len(texts))
+    return prompts, out, texts, total, parts, events
+
+  def _reward_events(self, problems, texts, tokens, total) -> list:
+    """Per row: (completion token, reward) events whose rewards sum to the row's total: each
+    step's credit on the token where the step's text ends, the rest on the last token; None for a
+    non-finite total."""
+    events = []
+    for credits, ids, text, row_total in zip(self.step_credit(problems, texts), tokens, texts,
+                                             total):
+      if not np.isfinite(row_total) or len(ids) == 0:
+        events.append(None)
+        continue
+      ends = [len(rollout.response_text(self.tokenizer, ids[:i + 1], "chat"))
+              for i in range(len(ids))]  # Characters of the response up to each token.
+      last = len(ids) - 1
+      row = [(min(bisect.bisect_left(ends, end), last), reward) for end, reward in credits]
+      events.append(row + [(last, float(row_total) - sum(r for _, r in row))])
+    return events
 
   def _rollout(self, policy) -> None:
     start = time.perf_counter()
@@ -200,13 +252,13 @@ class RolloutBatches:
     kept, spare, drawn, rounds = [], [], 0, 0
     while len(kept) < cfg.prompts and rounds <= (cfg.max_refills if cfg.dynamic_sampling else 0):
       indices = self._next_problems(cfg.prompts)
-      prompts, out, texts, total, parts = self._sample_groups(policy, indices,
-                                                              jax.random.fold_in(key, rounds))
+      prompts, out, texts, total, parts, events = self._sample_groups(
+          policy, indices, jax.random.fold_in(key, rounds))
       for j in range(cfg.prompts):
         rows = slice(j * g, (j + 1) * g)
         group = dict(prompts=prompts[rows], tokens=out.tokens[rows], logprobs=out.logprobs[rows],
                      well_formed=[chat.parse_response(t).well_formed for t in texts[rows]],
-                     truncated=out.truncated[rows], total=total[rows],
+                     truncated=out.truncated[rows], total=total[rows], events=events[rows],
                      experts=out.experts[rows] if out.experts is not None else None,
                      loss_mask=out.loss_mask[rows] if out.loss_mask is not None else None,
                      parts={k: v[rows] for k, v in parts.items()})
@@ -229,7 +281,7 @@ class RolloutBatches:
     sampler = np.zeros((n, t), np.float32)
     rewards = np.stack([gr["total"] for gr in groups])  # [P, G]
     finite = np.isfinite(rewards)
-    lengths, truncated, row_lengths = [], [], []
+    lengths, truncated, row_lengths, events = [], [], [], []
     # Recorded experts: [rows, moe layers, T, K], -1 (route as usual) where nothing was recorded.
     replay = None
     if groups[0]["experts"] is not None:
@@ -248,6 +300,9 @@ class RolloutBatches:
         mask[row, len(p):len(p) + len(c)] = float(use) * sampled
         lengths.append(len(c))
         row_lengths.append(len(p) + len(c))
+        row_events = gr["events"][k]  # None when the reward is not finite.
+        events.append(None if row_events is None else  # Completion token -> column.
+                      [(len(p) + token, reward) for token, reward in row_events])
         truncated.append(gr["truncated"][k])
         if replay is not None:
           record = gr["experts"][k][:, :t]
@@ -255,7 +310,7 @@ class RolloutBatches:
     forward = self._rollout_forward(policy, tokens, mask, replay) if self.needs_old_logprobs \
         else {}
     old = forward.get("old_logprobs")
-    targets, target_metrics = self._targets(tokens, mask, forward, rewards)
+    targets, target_metrics = self._targets(tokens, mask, forward, rewards, events)
     order = np.random.default_rng([self.seed, self.rollouts, 1]).permutation(n)
     self.row_lengths = np.asarray(row_lengths)[order]  # Real tokens per row (for packing).
     self.buffer = dict(tokens=tokens[order], completion_mask=mask[order],
@@ -296,11 +351,15 @@ class RolloutBatches:
     logp = jitted_logprobs(language_model(policy), tokens, mask, self.cfg.temperature, replay)[0]
     return dict(old_logprobs=np.asarray(jax.device_get(logp)))
 
-  def _targets(self, tokens, mask, forward, rewards_PG) -> tuple[dict, dict]:
+  def _targets(self, tokens, mask, forward, rewards_PG, events) -> tuple[dict, dict]:
     """What the objective trains on besides tokens and log-probs, per row in rollout order, and
-    metrics: here the group advantages [rows] (PPO's batch source computes per-token GAE).
-    `forward`: `_rollout_forward`'s results ({} when the rollout takes none)."""
-    del tokens, mask, forward
+    metrics: here the group advantages [rows], or per token [rows, T] under the process advantage
+    (PPO's batch source computes per-token GAE). `forward`: `_rollout_forward`'s results ({} when
+    the rollout takes none); `events`: per row its (column, reward) events (process advantage)."""
+    del mask, forward
+    if self.advantage == "process":
+      advantages = process_advantages(events, self.cfg.samples, tokens.shape[1], self.std_eps)
+      return dict(advantages=advantages.astype(np.float32)), {}
     advantages = group_advantages(rewards_PG, self.advantage, self.std_eps)
     return dict(advantages=advantages.reshape(-1).astype(np.float32)), {}
 

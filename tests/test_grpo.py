@@ -12,8 +12,9 @@ import pytest
 
 from posttrain import chat
 from posttrain.grpo import GrpoConfig, aggregate, grpo_loss, kl_per_token, token_losses
-from posttrain.rewards import RewardSet, length_penalty, step_accuracy, think_format
-from posttrain.rl import RolloutBatches, RolloutConfig, group_advantages
+from posttrain.rewards import (RewardSet, length_penalty, step_accuracy, step_credits,
+                               think_format)
+from posttrain.rl import RolloutBatches, RolloutConfig, group_advantages, process_advantages
 from train.packing import KEYS as packing_keys, PackLayout
 
 RNG = np.random.default_rng(0)
@@ -199,6 +200,86 @@ def test_step_accuracy_credits_the_problems_own_steps_done_right():
   c.data.problems, c.rewards.steps = 4, 1.0
   with pytest.raises(ValueError, match=r"the task families \['countdown'\] cannot"):
     rl_batches(c, RolloutConfig(), None, None)  # Refused before anything is built.
+
+
+def test_step_credit_places_each_steps_share_where_the_step_ends():
+  from posttrain.tasks import get_task
+  task = get_task("arithmetic")
+  p = task.make(5, [("-", 2), ("*", 3)])  # (5 - 2) * 3: steps 5 - 2 = 3, 3 * 3 = 9.
+  cases = {  # completion: the text each step's credit ends on (None: the end), and the credits.
+      "<think>Step 1: 5 - 2 = 3. Step 2: 3 * 3 = 9.</think>9":
+          (["5 - 2 = 3", "3 * 3 = 9"], [0.5, 0.5]),
+      "<think>Step 1: 5 - 2 = 3. Step 2: 3 * 3 = 10.</think>10":
+          (["5 - 2 = 3", "3 * 3 = 10"], [0.5, 0.0]),
+      "<think>Step 1: 5 - 2 = 4. Step 2: 4 * 3 = 12.</think>12":
+          (["5 - 2 = 4", "4 * 3 = 12"], [0.0, 0.0]),  # Nothing after the first mistake.
+      "<think>Step 1: 5 - 2 = 3.</think>3 * 3 = 9": (["5 - 2 = 3", None], [0.5, 0.0]),
+      "Step 1: 5 - 2 = 3. Step 2: 3 * 3 = 9. So 9": (["5 - 2 = 3", "3 * 3 = 9"], [0.5, 0.5]),
+      "(5 - 2) * 3 = 9": ([None, None], [0.0, 0.0])}
+  for completion, (texts, want) in cases.items():
+    credit = task.step_credit(p, completion)
+    assert [c for _, c in credit] == pytest.approx(want), completion
+    for (end, _), text in zip(credit, texts):
+      assert end == len(completion) if text is None else completion[:end].endswith(text)
+    assert sum(want) == pytest.approx(task.step_score(p, completion))
+  problems = task.problems("train", 30)
+  solutions = [p.solution for p in problems]
+  scaled = step_credits({"arithmetic": task}, 2.0)(problems, solutions)
+  assert [sum(r for _, r in row) for row in scaled] == pytest.approx([2.0] * 30)
+  with pytest.raises(ValueError, match=r"\['countdown'\] have no step checks"):
+    step_credits({"countdown": get_task("countdown")}, 1.0)
+
+
+def test_process_advantages_match_a_direct_loop_and_a_hand_computation():
+  events = [[(3, 0.5), (5, 0.5), (5, 1.0)], [(2, 0.0), (4, 0.0), (4, 0.0)],  # Group 1.
+            [(1, 0.2), (6, 0.3)], None, [(2, 0.7), (3, 0.0)]]  # Group 2, row 3 not finite.
+  with pytest.raises(ValueError, match="not groups of 2"):
+    process_advantages(events, 2, 7)
+  events.append([(0, 1.0), (6, 0.0)])
+  got = process_advantages(events, 3, 7, eps=1e-4)
+  want = np.zeros((6, 7))
+  for first in (0, 3):
+    values = [r for row in events[first:first + 3] if row for _, r in row]
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    for row in range(first, first + 3):
+      for t in range(7):
+        want[row, t] = sum((r - mean) / (std + 1e-4) for col, r in events[row] or () if col >= t)
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  assert np.all(got[3] == 0)
+  # By hand, rows 0 and 1 as one group: mean 1/3, std 1/sqrt(6); normalised, 0.5 -> u, 1 -> 4u
+  # and 0 -> -2u with u = (1/6) / (1/sqrt(6) + eps).
+  hand = process_advantages(events[:2], 2, 7, eps=1e-4)
+  u = (1 / 6) / (1 / 6 ** 0.5 + 1e-4)
+  np.testing.assert_allclose(hand[0], [6 * u] * 4 + [5 * u] * 2 + [0], rtol=1e-12)
+  np.testing.assert_allclose(hand[1], [-6 * u] * 3 + [-4 * u] * 2 + [0] * 2, rtol=1e-12)
+
+
+def test_process_rollouts_put_each_steps_credit_on_the_token_that_ends_it(chat_tok):
+  from posttrain.tasks import get_task
+  task = get_task("arithmetic")
+  p = task.make(5, [("-", 2), ("*", 3)])
+  rewards = RewardSet({"accuracy": lambda prompts, completions, problems, **f: [
+      task.verify(q, c).score for q, c in zip(problems, completions)],
+      "steps": step_accuracy({"arithmetic": task})}, {"accuracy": 1.0, "steps": 2.0})
+  make = lambda advantage, credit: RolloutBatches([p], chat_tok, rewards, RolloutConfig(
+      prompts=1, samples=2), advantage, step_credit=credit)
+  with pytest.raises(ValueError, match="needs step credits"):
+    make("process", None)
+  source = make("process", step_credits({"arithmetic": task}, 2.0))
+  texts = ["<think>Step 1: 5 - 2 = 3. Step 2: 3 * 3 = 10.</think>10",
+           "<think>Step 1: 5 - 2 = 3. Step 2: 3 * 3 = 9.</think>9"]
+  ids = [chat.encode_text(chat_tok, t) for t in texts]
+  total, _ = rewards([""] * 2, texts, problems=[p] * 2)
+  np.testing.assert_allclose(total, [1.0, 3.0])
+  events = source._reward_events([p] * 2, texts, ids, np.array([total[0], np.nan]))
+  assert events[1] is None
+  (first, r1), (second, r2), (last, rest) = events[0]
+  decoded = lambda n: chat.decode(chat_tok, ids[0][:n])
+  assert (r1, r2, rest, last) == (1.0, 0.0, 0.0, len(ids[0]) - 1)
+  assert decoded(first + 1).endswith("5 - 2 = 3") and not decoded(first).endswith("5 - 2 = 3")
+  assert decoded(second + 1).endswith("3 * 3 = 10")
+  assert not decoded(second).endswith("3 * 3 = 10")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import dataclasses
 import random
 import re
 
-from posttrain.chat import assistant_content, parse_response
+from posttrain.chat import END, THINK_CLOSE, THINK_OPEN, assistant_content, parse_response
 from posttrain.tasks.base import Problem, Verdict, distinct, field
 from posttrain.tasks.math import answers_match, as_number, extract_answer
 from train import corpus
@@ -99,13 +99,28 @@ class Arithmetic:
     steps before (the start value for k = 1), op and b the problem's k-th operation, and c true.
     Steps after a mistake earn nothing, so true steps on a wrong value (5 - 5 = 0, then
     0 * 3 = 0 for (5 - 2) * 3) are no way around the work."""
+    return sum(credit for _, credit in self.step_credit(problem, response))
+
+  def step_credit(self, problem: Problem, response: str) -> list[tuple[int, float]]:
+    """`step_score` step by step, with where each step's credit is earned: one (end, credit) per
+    operation of the problem, `end` the character offset in `response` where the reasoning's
+    k-th shown step ends (the response's end when fewer steps are shown) and `credit` 1 / steps
+    when it and every step before it are right, else 0. The credits sum to `step_score`: the
+    process reward of DeepSeekMath's process supervision, placed on the tokens that earn it."""
     ops = field(problem, "ops")
-    parsed = parse_response(response)
-    steps = shown_steps(parsed.reasoning if parsed.well_formed else response)
-    value, right = field(problem, "start"), 0
-    for (op, operand), step in zip(ops, steps):
+    text = response.split(END, 1)[0]
+    first, last = 0, len(text)
+    if parse_response(text).well_formed:  # Steps count inside the reasoning only.
+      first, last = text.index(THINK_OPEN) + len(THINK_OPEN), text.index(THINK_CLOSE)
+    shown = list(_STEP.finditer(text, first, last))
+    value, right, credits = field(problem, "start"), True, []
+    for k, (op, operand) in enumerate(ops):
+      if k >= len(shown):
+        credits.append((len(text), 0.0))
+        continue
+      a, step_op, b, c = shown[k].groups()
       result = OPS[op](value, operand)
-      if step != (value, op, operand, result):
-        break
-      value, right = result, right + 1
-    return right / len(ops)
+      right = right and (int(a), step_op, int(b), int(c)) == (value, op, operand, result)
+      credits.append((shown[k].end(), 1.0 / len(ops) if right else 0.0))
+      value = result
+    return credits
