@@ -19,7 +19,6 @@ again (routing replay, for MoE stability).
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import time
 from typing import Optional, Sequence
@@ -237,12 +236,22 @@ class RolloutBatches:
       if not np.isfinite(row_total) or len(ids) == 0:
         events.append(None)
         continue
-      ends = [len(rollout.response_text(self.tokenizer, ids[:i + 1], "chat"))
-              for i in range(len(ids))]  # Characters of the response up to each token.
       last = len(ids) - 1
-      row = [(min(bisect.bisect_left(ends, end), last), reward) for end, reward in credits]
+      row = [(self._token_ending(ids, end), reward) for end, reward in credits]
       events.append(row + [(last, float(row_total) - sum(r for _, r in row))])
     return events
+
+  def _token_ending(self, ids, end: int) -> int:
+    """The first completion token whose text reaches character `end` of the response (the last
+    token when none does): a binary search over the decoded prefixes, whose lengths only grow."""
+    low, high = 0, len(ids) - 1
+    while low < high:
+      middle = (low + high) // 2
+      if len(rollout.response_text(self.tokenizer, ids[:middle + 1], "chat")) >= end:
+        high = middle
+      else:
+        low = middle + 1
+    return low
 
   def _rollout(self, policy) -> None:
     start = time.perf_counter()

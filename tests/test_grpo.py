@@ -280,6 +280,12 @@ def test_process_rollouts_put_each_steps_credit_on_the_token_that_ends_it(chat_t
   assert decoded(first + 1).endswith("5 - 2 = 3") and not decoded(first).endswith("5 - 2 = 3")
   assert decoded(second + 1).endswith("3 * 3 = 10")
   assert not decoded(second).endswith("3 * 3 = 10")
+  short = "<think>Step 1: 5 - 2 = 3.</think>9"  # Step 2 not shown: its 0 on the last token.
+  short_ids = chat.encode_text(chat_tok, short)
+  (first, r1), (second, r2), (last, rest) = source._reward_events(
+      [p], [short], [short_ids], np.array([3.0]))[0]  # Right answer (1) + one step (2 x 0.5).
+  assert (r1, r2, rest) == (1.0, 0.0, 2.0) and second == last == len(short_ids) - 1
+  assert chat.decode(chat_tok, short_ids[:first + 1]).endswith("5 - 2 = 3")
 
 
 @pytest.fixture(scope="module")
