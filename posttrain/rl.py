@@ -99,7 +99,7 @@ def group_advantages(rewards_PG: np.ndarray, kind: str, eps: float = 1e-4) -> np
       raise ValueError("rloo needs at least 2 samples per prompt")
     out = np.where(n > 1, r - (total - r) / np.maximum(n - 1, 1), 0.0)
   else:
-    raise ValueError(f"advantage must be one of {ADVANTAGES[:-1]}, got {kind!r}")
+    raise ValueError(f"group advantage must be grpo, dr_grpo or rloo, got {kind!r}")
   return np.where(finite, out, 0.0)
 
 
@@ -231,8 +231,7 @@ class RolloutBatches:
     step's credit on the token where the step's text ends, the rest on the last token; None for a
     non-finite total."""
     events = []
-    for credits, ids, text, row_total in zip(self.step_credit(problems, texts), tokens, texts,
-                                             total):
+    for credits, ids, row_total in zip(self.step_credit(problems, texts), tokens, total):
       if not np.isfinite(row_total) or len(ids) == 0:
         events.append(None)
         continue
