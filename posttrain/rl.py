@@ -228,15 +228,17 @@ class RolloutBatches:
 
   def _reward_events(self, problems, texts, tokens, total) -> list:
     """Per row: (completion token, reward) events whose rewards sum to the row's total: each
-    step's credit on the token where the step's text ends, the rest on the last token; None for a
-    non-finite total."""
+    step's credit on the token where the step's text ends (the last token for a step not shown),
+    the rest on the last token; None for a non-finite total."""
     events = []
-    for credits, ids, row_total in zip(self.step_credit(problems, texts), tokens, total):
+    for credits, ids, text, row_total in zip(self.step_credit(problems, texts), tokens, texts,
+                                             total):
       if not np.isfinite(row_total) or len(ids) == 0:
         events.append(None)
         continue
-      last = len(ids) - 1
-      row = [(self._token_ending(ids, end), reward) for end, reward in credits]
+      last = len(ids) - 1  # The response's end (a step not shown) is the last token's.
+      row = [(last if end >= len(text) else self._token_ending(ids, end), reward)
+             for end, reward in credits]
       events.append(row + [(last, float(row_total) - sum(r for _, r in row))])
     return events
 

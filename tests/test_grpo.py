@@ -461,6 +461,39 @@ def test_dynamic_sampling_masks_groups_without_signal(world):
   assert (batch["completion_mask"].sum(1) == 0).sum() == 1  # Only the NaN row is dropped.
 
 
+
+def test_process_rollouts_serve_per_token_advantages_and_a_loss(world):
+  """A served batch under the process advantage: [rows, T] advantages equal to
+  process_advantages of each row's events, placed after its own prompt (the random policy shows
+  no step, so a row's step credits, 0, and the rest of its reward all sit on its last token)."""
+  from posttrain import rollout
+  from posttrain.tasks import get_task
+  policy, tok, problems = world
+  task = get_task("arithmetic")
+  rewards = RewardSet({"parity": _parity, "steps": step_accuracy({"arithmetic": task})},
+                      {"parity": 1.0, "steps": 1.0})
+  src = RolloutBatches(problems, tok, rewards, RolloutConfig(prompts=2, samples=3,
+                                                             max_new_tokens=6),
+                       "process", seed=1, step_credit=step_credits({"arithmetic": task}, 1.0))
+  batch = src.next_batch(policy)
+  order = np.random.default_rng([1, 0, 1]).permutation(6)  # How _build shuffled the rows.
+  served = {k: np.empty_like(v) for k, v in batch.items()}
+  for k, v in batch.items():
+    served[k][order] = v  # Back in rollout order: groups of 3 rows, one prompt each.
+  picked = [src.problems[i] for i in src._order(0)[:2]]
+  events = []
+  for row in range(6):
+    idx = np.flatnonzero(served["completion_mask"][row] > 0)
+    text = rollout.response_text(tok, served["tokens"][row, idx[0]:idx[-1] + 1], "chat")
+    steps = len(picked[row // 3].fields["ops"])
+    events.append([(idx[-1], 0.0)] * steps + [(idx[-1], float(len(text) % 2))])
+  want = process_advantages(events, 3, served["tokens"].shape[1])
+  assert served["advantages"].shape == served["tokens"].shape and np.abs(want).max() > 0.1
+  np.testing.assert_allclose(served["advantages"], want, rtol=1e-6, atol=1e-6)
+  loss, weight, _ = _grpo_loss(policy, batch)
+  assert weight == 6 and np.isfinite(float(loss))
+
+
 @pytest.mark.slow
 def test_grpo_end_to_end_resumes_exactly(tmp_path, tiny_pretrain):
   """From a 3-step pre-training, GRPO 4 steps (2 rollouts x 2 mini-batches, KL to the reference
