@@ -65,11 +65,13 @@ def get_config(arg=None):
     c.grpo.update(surrogate="cispo", eps_high=2.0, aggregation="token_mean")
   elif arg == "rloo":
     c.grpo.update(advantage="rloo", aggregation="token_mean")
-  elif arg == "reasoning":  # Arithmetic: +4.9, +9.3 points held out in two seeds (README).
-    c.data.tasks = "arithmetic"
+  elif arg == "reasoning":  # Arithmetic in under 10 minutes: +9.5, +5.1, +8.7 points held out
+    c.data.tasks = "arithmetic"  # in three seeds (README, "What GRPO does").
     c.rewards.steps = 1.0  # With the answer's accuracy: right steps, not lucky answers.
-    c.rollout.update(prompts=32, batch_size=128)  # 256 completions per update: at 8 x 8 the
-    c.optimizer.peak_lr = 1e-4  # gradient is too noisy and held-out accuracy falls.
+    c.grpo.advantage = "process"  # Each step's credit on its own tokens (outcome: +6.3 mean).
+    c.rollout.update(prompts=32, batch_size=128,  # 256 completions per rollout: at 8 x 8 the
+                     minibatches=2)  # gradient is too noisy; two updates of 128 per rollout.
+    c.optimizer.peak_lr = 1e-4
     c.rollout.temperature = 0.7  # Closer to the greedy policy that is evaluated than 1.0.
     c.update(total_steps=300, checkpoint_every=100, eval_every=100)
     c.eval.tasks = "arithmetic,countdown"  # Countdown is not trained on: transfer.
