@@ -461,7 +461,6 @@ def test_dynamic_sampling_masks_groups_without_signal(world):
   assert (batch["completion_mask"].sum(1) == 0).sum() == 1  # Only the NaN row is dropped.
 
 
-
 def test_process_rollouts_serve_per_token_advantages_and_a_loss(world):
   """A served batch under the process advantage: [rows, T] advantages equal to
   process_advantages of each row's events, placed after its own prompt (the random policy shows
