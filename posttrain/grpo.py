@@ -149,11 +149,13 @@ def aggregate(kind: str, per_token_BT, mask_BT, max_new_tokens: int):
   return per_token_BT.sum() / max_new_tokens, rows.sum()
 
 
-def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None, temperature: float = 1.0):
+def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None, temperature: float = 1.0,
+              old_from_sampler: bool = False):
   """The stage loss_fn `(policy, batch, frozen, step) -> (sum, weight, aux)` over a rollout
   mini-batch. `reference(frozen)`: the reference model from the frozen trees (when beta > 0).
   Log-probabilities are taken at the rollout `temperature`: the policy optimised is the one
-  sampled, as TRL does.
+  sampled, as TRL does. `old_from_sampler` (rollout.old_logprobs="sampler"): the ratio divides
+  by the sampler's log-probs, and the mismatch metrics compare this forward with the sampler.
 
   The batch holds `tokens` [B, T] (prompt then completion, right-padded), `completion_mask`
   [B, T] (1 on completion tokens, entry t predicting tokens[t]), `advantages` [B] (or [B, T]
@@ -170,8 +172,8 @@ def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None, temperature:
     logp, _, out = sequence_logprobs(policy, tokens, mask, temperature=temperature,
                                      with_output=True, replay_BLTK=batch.get("replay_experts"),
                                      packing=plan)
-    old = batch.get("old_logprobs")
-    old = jax.lax.stop_gradient(logp) if old is None else old
+    own = jax.lax.stop_gradient(logp)
+    old = batch["sampler_logprobs"] if old_from_sampler else batch.get("old_logprobs", own)
     per_token, clip = token_losses(cfg, logp, old, batch["advantages"], mask)
     m = mask.astype(jnp.float32)
     if cfg.tis_cap:
@@ -188,7 +190,8 @@ def grpo_loss(cfg: GrpoConfig, max_new_tokens: int, reference=None, temperature:
     tokens_n = m.sum()
     # Sums the step divides by `weight`; token-level diagnostics are rescaled to token means.
     per_weight = weight / jnp.maximum(tokens_n, 1.0)
-    mismatch, maxima = rollout_mismatch(old, batch["sampler_logprobs"], mask)
+    mismatch, maxima = rollout_mismatch(own if old_from_sampler else old,
+                                        batch["sampler_logprobs"], mask)
     sums = dict(loss=loss_sum, kl=kl_sum * per_weight,
                 entropy_proxy=-(logp * m).sum() * per_weight,
                 **{name: value * per_weight for name, value in mismatch.items()},
@@ -300,6 +303,9 @@ def grpo_stage(c, workdir: str):
   configured objective; full fine-tuning or LoRA, a reference model only when beta > 0."""
   gcfg, rcfg = GrpoConfig(**dict(c.grpo)), RolloutConfig(**dict(c.rollout))
   check_rollout_schedule(c, rcfg)
+  if gcfg.tis_cap and rcfg.old_logprobs == "sampler":
+    raise ValueError("grpo.tis_cap weighs the old (training) log-probs against the sampler's; "
+                     "with rollout.old_logprobs='sampler' they are the same: set one of them off")
   lora_cfg = lora.LoraConfig(**dict(c.lora))
   policy, tokenizer, run_config = rl_start(
       c, workdir, lora=dataclasses.asdict(lora_cfg), grpo=dataclasses.asdict(gcfg),
@@ -318,7 +324,8 @@ def grpo_stage(c, workdir: str):
       name="grpo", cfg=cfg, run_config=run_config, batches=batches, batch_size=rows,
       batch_source=RL_BATCH_SOURCE,
       tokens_per_batch=rows * width,
-      loss_fn=grpo_loss(gcfg, rcfg.max_new_tokens, reference, rcfg.temperature),
+      loss_fn=grpo_loss(gcfg, rcfg.max_new_tokens, reference, rcfg.temperature,
+                        old_from_sampler=rcfg.old_logprobs == "sampler"),
       initial_model=lambda: policy, frozen=frozen, flops_per_token=cfg.flops_per_token(width),
       evaluate=held_out_probe(c, tokenizer, rcfg))
   return lora.apply(stage, lora_cfg) if lora_cfg.rank else stage

@@ -187,6 +187,9 @@ def ppo_stage(c, workdir: str):
   problems, the configured rewards shaped with a KL penalty to the starting policy."""
   pcfg, rcfg = PpoConfig(**dict(c.ppo)), RolloutConfig(**dict(c.rollout))
   check_rollout_schedule(c, rcfg)
+  if rcfg.old_logprobs != "forward":
+    raise ValueError("PPO's rollout forward computes the values and the KL reward's log-probs "
+                     "anyway: rollout.old_logprobs must be 'forward'")
   policy, tokenizer, run_config = rl_start(c, workdir, ppo=dataclasses.asdict(pcfg),
                                            rollout=dataclasses.asdict(rcfg), scored_head="value")
   cfg = policy.cfg

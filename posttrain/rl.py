@@ -11,7 +11,11 @@ rollout's weights, both at the sampling temperature: mean and max absolute diffe
 estimate mean(sampler - train) under the sampler. When a rollout serves one update, the loss's
 own forward is that training forward (its log-probs, stop-gradient, are the "old" ones, as TRL
 does); when it serves several, or a source's targets need them (PPO's KL reward), the old
-log-probs are computed once per rollout before any update. With
+log-probs are computed once per rollout before any update, unless `rollout.old_logprobs` is
+"sampler": then the sampler's log-probs are the old ones of every update (no forward; the ratio's
+denominator is the policy that really sampled), and the mismatch metrics compare the update's
+own forward with the sampler (on a rollout's first update exactly the mismatch; on later ones it
+includes the updates since). With
 `routing_replay` the sampler records each token's experts per MoE layer and every training forward
 on the rollout (old log-probs, the loss) routes the tokens to those experts instead of routing
 again (routing replay, for MoE stability).
@@ -36,6 +40,7 @@ from train.loss import jitted_logprobs
 from train.packing import PackLayout
 
 OVERLONG = ("keep", "filter")
+OLD_LOGPROBS = ("forward", "sampler")
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "process")
 
 
@@ -58,6 +63,11 @@ class RolloutConfig:
   environment: str = ""  # "" (one sampled answer) or an environment (posttrain/environments.py).
   max_turns: int = 3  # Environment episodes: assistant turns at most.
   turn_tokens: int = 0  # Environment episodes: tokens per assistant turn (0: max_new_tokens).
+  # The behaviour policy's log-probs that the ratio of a rollout's updates divides by: "forward"
+  # (a training forward under the rollout's weights, once per rollout, when it serves several
+  # updates) or "sampler" (the sampler's own, recorded while sampling: no forward, as verl's
+  # bypass mode; on float32 CPU the two agree within 2e-5).
+  old_logprobs: str = "forward"
 
   def __post_init__(self):
     if self.prompts < 1 or self.samples < 1:
@@ -70,6 +80,9 @@ class RolloutConfig:
       raise ValueError("rollout.epochs and rollout.minibatches must be >= 1, max_refills >= 0")
     if self.overlong not in OVERLONG:
       raise ValueError(f"rollout.overlong must be one of {OVERLONG}, got {self.overlong!r}")
+    if self.old_logprobs not in OLD_LOGPROBS:
+      raise ValueError(f"rollout.old_logprobs must be one of {OLD_LOGPROBS}, got "
+                       f"{self.old_logprobs!r}")
 
   @property
   def updates_per_rollout(self) -> int:
@@ -349,9 +362,9 @@ class RolloutBatches:
   @property
   def needs_old_logprobs(self) -> bool:
     """Whether each rollout computes the training forward's log-probs before its updates: when it
-    serves several (all but the first are off-policy). One update's loss takes them from its own
-    forward."""
-    return self.cfg.updates_per_rollout > 1
+    serves several (all but the first are off-policy) and they are not the sampler's. One
+    update's loss takes them from its own forward."""
+    return self.cfg.updates_per_rollout > 1 and self.cfg.old_logprobs == "forward"
 
   def _rollout_forward(self, policy, tokens, mask, replay) -> dict:
     """What the rollout takes from one training forward under its weights, before its updates

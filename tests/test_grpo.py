@@ -129,6 +129,23 @@ def test_config_errors_name_the_field():
     GrpoConfig(dual_clip=0.5)
   with pytest.raises(ValueError, match="minibatches 3 must divide"):
     RolloutConfig(prompts=2, samples=4, minibatches=3)
+  with pytest.raises(ValueError, match="rollout.old_logprobs must be one of"):
+    RolloutConfig(old_logprobs="reference")
+
+
+def test_sampler_old_logprobs_conflicts_are_named_before_loading_a_model():
+  from configs.grpo import get_config as grpo_config
+  from configs.ppo import get_config as ppo_config
+  from posttrain.grpo import grpo_stage
+  from posttrain.ppo import ppo_stage
+  g = grpo_config()
+  g.rollout.old_logprobs, g.grpo.tis_cap = "sampler", 2.0
+  with pytest.raises(ValueError, match="grpo.tis_cap .* rollout.old_logprobs='sampler'"):
+    grpo_stage(g, "/nonexistent")
+  p = ppo_config()
+  p.rollout.old_logprobs = "sampler"
+  with pytest.raises(ValueError, match="PPO.*rollout.old_logprobs must be 'forward'"):
+    ppo_stage(p, "/nonexistent")
 
 
 def test_reward_set_combines_and_rejects_bad_rewards():
@@ -435,6 +452,37 @@ def test_one_update_per_rollout_takes_the_old_logprobs_from_its_own_forward(worl
     np.testing.assert_allclose(a["maxima"][k], b["maxima"][k], atol=1e-6)
   assert RolloutBatches(problems, tok, src.rewards, RolloutConfig(
       prompts=2, samples=2, max_new_tokens=6, epochs=2), "grpo").needs_old_logprobs
+
+
+def test_sampler_old_logprobs_skip_the_forward_and_divide_by_the_sampler(world):
+  """rollout.old_logprobs="sampler": a rollout serving two updates computes no old log-probs;
+  its loss and gradient are those of the forward path's loss given the sampler's log-probs as
+  the old ones, and its mismatch metrics those of the loss's own forward (one update)."""
+  from flax import nnx
+  policy, tok, problems = world
+  cfg = RolloutConfig(prompts=2, samples=3, max_new_tokens=6, epochs=2, old_logprobs="sampler")
+  src = RolloutBatches(problems, tok, RewardSet({"parity": _parity}, {"parity": 1.0}), cfg, "grpo",
+                       seed=3)
+  assert not src.needs_old_logprobs
+  batch = jax.tree.map(jnp.asarray, src.next_batch(policy))
+  assert "old_logprobs" not in batch
+  perturbed = dict(batch, sampler_logprobs=batch["sampler_logprobs"]
+                   - 0.05 * batch["completion_mask"])  # A visible ratio away from 1.
+  cfg_loss = GrpoConfig()
+
+  def run(loss, b):
+    return nnx.jit(lambda m, b: nnx.value_and_grad(lambda m: loss(m, b, None, 0)[::2],
+                                                   has_aux=True)(m))(policy, b)
+  (sampler_loss, aux), grads = run(grpo_loss(cfg_loss, 6, old_from_sampler=True), perturbed)
+  (given_loss, _), given_grads = run(grpo_loss(cfg_loss, 6),
+                                     dict(perturbed, old_logprobs=perturbed["sampler_logprobs"]))
+  (_, own_aux), _ = run(grpo_loss(cfg_loss, 6), perturbed)
+  np.testing.assert_allclose(sampler_loss, given_loss, rtol=1e-6)
+  for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(given_grads)):
+    np.testing.assert_allclose(g, h, atol=1e-7)
+  for k in ("mismatch_max", "is_ratio_max"):
+    np.testing.assert_allclose(aux["maxima"][k], own_aux["maxima"][k], rtol=1e-6)
+  assert float(aux["maxima"]["mismatch_max"]) == pytest.approx(0.05, abs=1e-4)
 
 
 def test_dynamic_sampling_masks_groups_without_signal(world):
