@@ -21,7 +21,8 @@ def test_two_processes_match_one(tmp_path):
   procs = []
   for i in range(2):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+               + " --xla_force_host_platform_device_count=2",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen([sys.executable, "-m", "tests.multiprocess_checks", str(out)],

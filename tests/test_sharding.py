@@ -56,7 +56,8 @@ def test_constrain_is_a_no_op_without_a_mesh():
 def multidevice(tmp_path_factory):
   """Runs tests/multidevice_checks.py once on 8 host CPU devices; its JSON results."""
   out = tmp_path_factory.mktemp("multidevice") / "results.json"
-  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + " --xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "tests.multidevice_checks", str(out)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=900)
