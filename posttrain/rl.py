@@ -65,8 +65,8 @@ class RolloutConfig:
   turn_tokens: int = 0  # Environment episodes: tokens per assistant turn (0: max_new_tokens).
   # The behaviour policy's log-probs that the ratio of a rollout's updates divides by: "forward"
   # (a training forward under the rollout's weights, once per rollout, when it serves several
-  # updates) or "sampler" (the sampler's own, recorded while sampling: no forward, as verl's
-  # bypass mode; on float32 CPU the two agree within 2e-5).
+  # updates) or "sampler" (the sampler's own, recorded while sampling: no forward; on float32
+  # CPU the two agree within 2e-5).
   old_logprobs: str = "forward"
 
   def __post_init__(self):
