@@ -31,8 +31,9 @@ def get_config(arg=None):
       prompts=8, samples=8, max_new_tokens=64, temperature=1.0, top_p=1.0, epochs=1,
       minibatches=1, dynamic_sampling=False, max_refills=3, overlong="keep", batch_size=64,
       routing_replay=False,  # MoE: train on the experts the sampler chose (routing replay).
-      old_logprobs="forward",  # The ratio's old log-probs when a rollout serves several updates:
-                               # a training forward per rollout, or "sampler" (no forward).
+      old_logprobs="forward",  # The ratio's old log-probs: a training forward (once per rollout
+                               # when it serves several updates, else the loss's own), or
+                               # "sampler": the sampler's, for every update (no forward).
       environment="",  # "python_tool": multi-turn episodes where the model may run Python
                        # (posttrain/environments.py); max_new_tokens is then the whole episode's.
       max_turns=3, turn_tokens=0))  # Episodes: turns at most, tokens per turn (0: max_new_tokens).
