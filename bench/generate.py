@@ -32,7 +32,7 @@ _CONTEXTS = flags.DEFINE_list("contexts", ["128", "2048"], "Prompt lengths.")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "Tokens decoded per row.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time transformers' generate.")
 _ATTENTION = flags.DEFINE_string("attention_impl", "auto",
-                                  "ModelConfig.attention_impl (prefill): auto, xla, chunked.")
+                                  "ModelConfig.attention_impl (prefill): auto, xla, chunked, native.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per path (the fastest is reported).")
 
 

@@ -3,11 +3,13 @@ cuDNN paths.
 
   "xla"     `reference_attention`: dense float32 softmax with the mask built from segment ids.
   "chunked" `chunked_attention`: per block of queries, each against only the keys it can
-            causally see, with a backward that recomputes the probabilities; the fast path on CPU.
+            causally see, with a backward that recomputes the probabilities.
+  "native"  `native_attention`: the fused flash-attention C++ kernel for XLA:CPU, built on first
+            use; the fast path on CPU.
   "pallas"  the flash kernel (`kernels.flash_attention`); interpreted off TPU/GPU (for tests).
   "cudnn"   `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only, float16/bfloat16:
             the value head is zero-padded up to the qk head size (cuDNN wants one head size).
-  "auto"    "pallas" on TPU/GPU, "chunked" elsewhere.
+  "auto"    "pallas" on TPU/GPU; on CPU "native" where it builds, else "chunked".
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import jax.numpy as jnp
 from kernels.backend import on_accelerator
 from kernels.chunked_attention import chunked_attention
 from kernels.flash_attention import flash_attention, reference_attention
+from kernels.native_attention import available as native_available
+from kernels.native_attention import native_attention
 
-IMPLS = ("auto", "xla", "chunked", "pallas", "cudnn")
+IMPLS = ("auto", "xla", "chunked", "native", "pallas", "cudnn")
 
 
 def resolve_impl(impl: str) -> str:
@@ -27,7 +31,9 @@ def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
-    return "pallas" if on_accelerator() else "chunked"
+    if on_accelerator():
+      return "pallas"
+    return "native" if jax.default_backend() == "cpu" and native_available() else "chunked"
   return impl
 
 
@@ -60,6 +66,8 @@ def attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale: float, causal: bool
     return reference_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale, causal)
   if impl == "chunked":
     return chunked_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale, causal)
+  if impl == "native":
+    return native_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale, causal)
   if impl == "cudnn":
     if jax.default_backend() != "gpu":
       raise ValueError(f"attention impl 'cudnn' needs a GPU, backend is {jax.default_backend()!r}")

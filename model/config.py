@@ -103,7 +103,7 @@ class ModelConfig:
   layer_loop: str = "auto"
   # Kernels: "auto" takes the Pallas kernel on accelerators; on CPU the chunked attention and
   # the blocked grouped matmul.
-  attention_impl: str = "auto"  # kernels.attention: auto, xla, chunked, pallas (flash), cudnn.
+  attention_impl: str = "auto"  # kernels.attention: auto, xla, chunked, native, pallas, cudnn.
   moe_impl: str = "auto"  # kernels.grouped_matmul (dropless MoE): auto, xla, pallas, ragged, blocked.
   # Expert-parallel token exchange (model/expert_parallel.py): auto (ragged on TPU/GPU), all_to_all
   # (fixed buffers), ragged (ragged_all_to_all; emulated on CPU).

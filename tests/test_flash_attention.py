@@ -13,6 +13,7 @@ import pytest
 from kernels.attention import attention, nn_attention, resolve_impl
 from kernels.chunked_attention import chunked_attention, default_block
 from kernels.flash_attention import flash_attention, reference_attention
+from kernels.native_attention import available as native_available
 from model.transformer import forward, init_model
 from tests.conftest import small_config
 
@@ -70,7 +71,8 @@ def test_chunked_matches_reference(t, s, block, causal):
 
 def test_chunked_default_block_and_auto():
   assert [default_block(t) for t in (8, 128, 256, 512, 2048, 8192)] == [64, 64, 64, 128, 256, 256]
-  assert resolve_impl("auto") == "chunked"  # On CPU.
+  # On CPU: the fused C++ kernel where it builds (tests/test_native_attention.py), else chunked.
+  assert resolve_impl("auto") == ("native" if native_available() else "chunked")
 
 
 def test_chunked_in_bfloat16_matches_reference_in_float32():
@@ -128,14 +130,16 @@ def test_bad_arguments():
 
 
 def test_model_through_the_kernels_matches_xla():
-  """ModelConfig.attention_impl / moe_impl reach the layers: Pallas (interpreted) and chunked
-  (two blocks of 32 queries) == XLA logits."""
+  """ModelConfig.attention_impl / moe_impl reach the layers: Pallas (interpreted), chunked (two
+  blocks of 32 queries) and the native CPU kernel (where it builds) == XLA logits."""
   tokens = jax.random.randint(jax.random.key(3), (1, 40), 0, 61)
   segments = jnp.array([[1] * 5 + [2] * 30 + [3] * 5])
   logits = {}
-  for impl in ("xla", "chunked", "pallas"):
+  impls = ("xla", "chunked", "pallas") + (("native",) if native_available() else ())
+  for impl in impls:
     cfg = small_config(num_layers=2, mtp_depth=0, attention_impl=impl,
-                       moe_impl="xla" if impl == "chunked" else impl)
+                       moe_impl=impl if impl == "pallas" else "xla")
     logits[impl] = forward(init_model(cfg, seed=0), tokens, None, segments).logits
   np.testing.assert_allclose(logits["pallas"], logits["xla"], atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(logits["chunked"], logits["xla"], atol=1e-5, rtol=1e-5)
+  for impl in impls[1:]:
+    np.testing.assert_allclose(logits[impl], logits["xla"], atol=1e-5, rtol=1e-5, err_msg=impl)
