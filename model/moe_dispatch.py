@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels.grouped_matmul import grouped_matmul
+from kernels.grouped_matmul import blocked_swiglu, grouped_matmul, resolve_impl
 
 
 class Dispatch(NamedTuple):
@@ -72,6 +72,8 @@ def combine(y_sorted_D: jax.Array, d: Dispatch, weights_TK: jax.Array, dtype) ->
 def grouped_swiglu(rows_MD, sizes_G, w_gate_GDF, w_up_GDF, w_down_GFD, impl: str = "auto"):
   """SwiGLU of rows sorted by group, each with its group's weights (kernels.grouped_matmul);
   rows past sum(sizes) get 0."""
+  if resolve_impl(impl) == "blocked":
+    return blocked_swiglu(rows_MD, sizes_G, w_gate_GDF, w_up_GDF, w_down_GFD)
   h = (jax.nn.silu(grouped_matmul(rows_MD, w_gate_GDF, sizes_G, impl))
        * grouped_matmul(rows_MD, w_up_GDF, sizes_G, impl))
   return grouped_matmul(h, w_down_GFD, sizes_G, impl)

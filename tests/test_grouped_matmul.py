@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.grouped_matmul import blocked_grouped_matmul, grouped_matmul
+from kernels.grouped_matmul import blocked_grouped_matmul, blocked_swiglu, grouped_matmul
 from kernels.grouped_matmul_pallas import pallas_grouped_matmul
 
 
@@ -41,6 +41,31 @@ def test_blocked_gradients_match_ragged():
   ref = jax.grad(loss(jax.lax.ragged_dot), (0, 1))(lhs, rhs)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-5)
+
+
+def test_blocked_swiglu_matches_three_ragged_products_with_gradients():
+  """One block layout for gate, up and down == three ragged products; rows past the last group
+  (3 here) give zeros and get zero gradient."""
+  sizes = jnp.asarray([9, 0, 30, 2, 1])
+  ks = jax.random.split(jax.random.key(7), 5)
+  rows = jax.random.normal(ks[0], (45, 16))
+  gate, up = jax.random.normal(ks[1], (5, 16, 12)), jax.random.normal(ks[2], (5, 16, 12))
+  down, cot = jax.random.normal(ks[3], (5, 12, 16)), jax.random.normal(ks[4], (45, 16))
+
+  def ragged(x, g, u, d, sizes):
+    h = jax.nn.silu(jax.lax.ragged_dot(x, g, sizes)) * jax.lax.ragged_dot(x, u, sizes)
+    return jax.lax.ragged_dot(h, d, sizes)
+
+  def out_and_grads(fn):
+    out, vjp = jax.vjp(lambda *a: fn(*a, sizes), rows, gate, up, down)
+    return out, vjp(cot)
+
+  (out, grads), (ref, ref_grads) = out_and_grads(
+      lambda x, g, u, d, s: blocked_swiglu(x, s, g, u, d, block=8)), out_and_grads(ragged)
+  assert np.all(np.asarray(out)[42:] == 0) and np.all(np.asarray(grads[0])[42:] == 0)
+  np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-5)
+  for name, a, b in zip(("rows", "gate", "up", "down"), grads, ref_grads):
+    np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("schedule,sizes,k,n,tiles", [
