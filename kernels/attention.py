@@ -21,7 +21,7 @@ from kernels.backend import on_accelerator
 from kernels.chunked_attention import chunked_attention
 from kernels.flash_attention import flash_attention, reference_attention
 from kernels.native_attention import available as native_available
-from kernels.native_attention import native_attention
+from kernels.native_attention import join_heads, native_attention
 
 IMPLS = ("auto", "xla", "chunked", "native", "pallas", "cudnn")
 
@@ -57,17 +57,22 @@ def attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale: float, causal: bool
               impl: str = "auto"):
   """softmax(q k^T * scale) v over [B, T, N, H] x [B, S, N, H] x [B, S, N, V] -> [B, T, N, V].
 
+  Queries and keys may each be a (nope, rope) pair whose parts concatenate along the head, the
+  rotary key possibly shared by every head ([B, S, 1, Hr], MLA's decoupled RoPE): the native
+  kernel reads the parts as they are; the other paths join them first (`join_heads`).
   Keys are visible within the query's segment (segment ids [B, max(T, S)]; None: one segment per
   row) and, when causal, at positions <= the query's. A query with no visible key gets zeros
   (on "xla" and "pallas"; cuDNN's own convention otherwise).
   """
   impl = resolve_impl(impl)
+  if impl == "native":
+    return native_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale, causal)
+  heads = v_BSNV.shape[2]
+  q_BTNH, k_BSNH = join_heads(q_BTNH, heads), join_heads(k_BSNH, heads)
   if impl == "xla":
     return reference_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale, causal)
   if impl == "chunked":
     return chunked_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale, causal)
-  if impl == "native":
-    return native_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale, causal)
   if impl == "cudnn":
     if jax.default_backend() != "gpu":
       raise ValueError(f"attention impl 'cudnn' needs a GPU, backend is {jax.default_backend()!r}")

@@ -123,46 +123,76 @@ def _call(name, results, *operands, scale: float, causal: bool):
       *operands, scale=np.float32(scale), causal=np.int32(causal))
 
 
-def _forward(q_BTNH, k_BSNH, v_BSNV, segment_ids_BL, scale, causal):
-  b, t, n, _ = q_BTNH.shape
-  f32 = lambda x: x.astype(jnp.float32)
+def _forward(q_nope, q_rope, k_nope, k_rope, v_BSNV, segment_ids_BL, scale, causal):
+  b, t, n, _ = q_nope.shape
+  operands = tuple(x.astype(jnp.float32) for x in (q_nope, q_rope, k_nope, k_rope, v_BSNV))
   out_BTNV, lse_BNT = _call(
       _FORWARD, (jax.ShapeDtypeStruct((b, t, n, v_BSNV.shape[-1]), jnp.float32),
                  jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
-      f32(q_BTNH), f32(k_BSNH), f32(v_BSNV), segment_ids_BL.astype(jnp.int32),
-      scale=scale, causal=causal)
-  return out_BTNV.astype(v_BSNV.dtype), (q_BTNH, k_BSNH, v_BSNV, segment_ids_BL, out_BTNV, lse_BNT)
+      *operands, segment_ids_BL.astype(jnp.int32), scale=scale, causal=causal)
+  residuals = ((q_nope, q_rope, k_nope, k_rope, v_BSNV), segment_ids_BL, out_BTNV, lse_BNT)
+  return out_BTNV.astype(v_BSNV.dtype), residuals
 
 
 def _backward(scale, causal, residuals, dout_BTNV):
-  q_BTNH, k_BSNH, v_BSNV, segment_ids_BL, out_BTNV, lse_BNT = residuals
-  f32 = lambda x: x.astype(jnp.float32)
-  shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q_BTNH, k_BSNH, v_BSNV))
-  dq, dk, dv = _call(_BACKWARD, shapes, f32(q_BTNH), f32(k_BSNH), f32(v_BSNV),
-                     segment_ids_BL.astype(jnp.int32), out_BTNV, lse_BNT, f32(dout_BTNV),
-                     scale=scale, causal=causal)
-  return dq.astype(q_BTNH.dtype), dk.astype(k_BSNH.dtype), dv.astype(v_BSNV.dtype), None
+  inputs, segment_ids_BL, out_BTNV, lse_BNT = residuals
+  operands = tuple(x.astype(jnp.float32) for x in inputs)
+  q_nope, q_rope, k_nope, k_rope, v_BSNV = operands
+  b, s, n = k_nope.shape[:3]
+  shapes = (q_nope.shape, q_rope.shape, k_nope.shape, (b, s, n, k_rope.shape[-1]), v_BSNV.shape)
+  grads = _call(_BACKWARD, tuple(jax.ShapeDtypeStruct(x, jnp.float32) for x in shapes),
+                *operands, segment_ids_BL.astype(jnp.int32), out_BTNV, lse_BNT,
+                dout_BTNV.astype(jnp.float32), scale=scale, causal=causal)
+  dq_nope, dq_rope, dk_nope, dk_rope, dv = grads
+  if k_rope.shape[2] != n:  # A rotary key shared by every head: the heads' gradients add up.
+    dk_rope = dk_rope.sum(2, keepdims=True)
+  grads = (dq_nope, dq_rope, dk_nope, dk_rope, dv)
+  return tuple(g.astype(x.dtype) for g, x in zip(grads, inputs)) + (None,)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _native(q_BTNH, k_BSNH, v_BSNV, segment_ids_BL, scale, causal):
-  return _forward(q_BTNH, k_BSNH, v_BSNV, segment_ids_BL, scale, causal)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _native(q_nope, q_rope, k_nope, k_rope, v_BSNV, segment_ids_BL, scale, causal):
+  return _forward(q_nope, q_rope, k_nope, k_rope, v_BSNV, segment_ids_BL, scale, causal)[0]
 
 
 _native.defvjp(_forward, _backward)
+
+
+def split_heads(x, heads: int | None = None):
+  """(per-head part, rotary part) of queries or keys given whole ([B, L, N, H]: a zero-width
+  rotary part) or as a (nope [B, L, N, Hn], rope [B, L, N or 1, Hr]) pair."""
+  if isinstance(x, (tuple, list)):
+    return tuple(x)
+  return x, x[..., :0]
+
+
+def join_heads(x, heads: int):
+  """Queries or keys as one [B, L, N, H] array: a (nope, rope) pair concatenated along the head,
+  a rotary part shared by every head (one head) broadcast to `heads` first."""
+  if not isinstance(x, (tuple, list)):
+    return x
+  nope, rope = x
+  rope = jnp.broadcast_to(rope, rope.shape[:2] + (heads,) + rope.shape[3:])
+  return jnp.concatenate([nope, rope.astype(nope.dtype)], axis=-1)
 
 
 def native_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale: float,
                      causal: bool = True) -> jax.Array:
   """Same contract as `flash_attention.reference_attention`, on the fused CPU kernel.
 
-  Segment ids [B, max(T, S)]: queries use the first T, keys the first S (None: one segment).
-  Raises RuntimeError (with the build's reason) where the kernel is unavailable.
+  Queries and keys may each come as a (nope, rope) pair, the parts concatenated along the head
+  without being materialised: MLA's decoupled RoPE, whose rotary key [B, S, 1, Hr] is shared by
+  every head (`join_heads` gives the equivalent single arrays). Segment ids [B, max(T, S)]:
+  queries use the first T, keys the first S (None: one segment). Raises RuntimeError (with the
+  build's reason) where the kernel is unavailable.
   """
   if not available():
     raise RuntimeError(f"attention impl 'native' is unavailable: {unavailable_reason()}")
-  b, t = q_BTNH.shape[:2]
-  s = k_BSNH.shape[1]
+  q_nope, q_rope = split_heads(q_BTNH)
+  k_nope, k_rope = split_heads(k_BSNH)
+  b, t = q_nope.shape[:2]
+  s = k_nope.shape[1]
   if segment_ids_BT is None:
     segment_ids_BT = jnp.ones((b, max(t, s)), jnp.int32)
-  return _native(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, float(scale), bool(causal))
+  return _native(q_nope, q_rope, k_nope, k_rope, v_BSNV, segment_ids_BT, float(scale),
+                 bool(causal))

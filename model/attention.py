@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.attention import attention
+from kernels.native_attention import join_heads
 from model.config import ModelConfig
 from model.layers import Einsum, RMSNorm, compute_dtype
 from model.rope import apply_rope
@@ -68,20 +69,25 @@ class MLAttention(nnx.Module):
     k_rope_BTP = apply_rope(k_rope_BTP[:, :, None, :], positions_BT, cfg)[:, :, 0, :]
     return self.kv_norm(latent_BTR), k_rope_BTP
 
-  def keys_values(self, latent_BSR, k_rope_BSP):
-    """The latent expanded per head: keys [B,S,N,H] (no-RoPE part + the shared rotated key) and
-    values [B,S,N,V]."""
+  def key_parts(self, latent_BSR, k_rope_BSP):
+    """The latent expanded per head: keys as (no-RoPE part [B,S,N,nope], the shared rotated key
+    [B,S,1,P]) and values [B,S,N,V]."""
     k_nope, v_BSNV = jnp.split(self.kv_b(latent_BSR), [self.cfg.qk_nope_head_dim], axis=-1)
-    k_rope = jnp.broadcast_to(k_rope_BSP[:, :, None, :], k_nope.shape[:3] + k_rope_BSP.shape[-1:])
-    return jnp.concatenate([k_nope, k_rope], axis=-1), v_BSNV
+    return (k_nope, k_rope_BSP[:, :, None, :]), v_BSNV
+
+  def keys_values(self, latent_BSR, k_rope_BSP):
+    """Keys [B,S,N,H] (the no-RoPE part + the shared rotated key, broadcast) and values
+    [B,S,N,V]."""
+    k_parts, v_BSNV = self.key_parts(latent_BSR, k_rope_BSP)
+    return join_heads(k_parts, self.cfg.num_heads), v_BSNV
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
-    """Causal self-attention within segments, through the `cfg.attention_impl` kernel switch."""
+    """Causal self-attention within segments, through the `cfg.attention_impl` kernel switch
+    (queries and keys as (nope, rope) parts: the CPU kernel reads the shared rotated key once)."""
     cfg = self.cfg
-    q_nope, q_rope = self.query(x_BTD, positions_BT)
-    k_BSNH, v_BSNV = self.keys_values(*self.latent(x_BTD, positions_BT))
-    q_BTNH = jnp.concatenate([q_nope, q_rope], axis=-1)
-    out_BTNV = per_device_attention(attention, q_BTNH, k_BSNH, v_BSNV, segment_ids_BT,
+    q_parts = self.query(x_BTD, positions_BT)
+    k_parts, v_BSNV = self.key_parts(*self.latent(x_BTD, positions_BT))
+    out_BTNV = per_device_attention(attention, q_parts, k_parts, v_BSNV, segment_ids_BT,
                                     cfg.softmax_scale, impl=cfg.attention_impl)
     return self.o(out_BTNV)
 

@@ -37,7 +37,7 @@ def _expert_ffn(rows_MD, local_expert_M, e_local, w_gate_EDF, w_up_EDF, w_down_E
   belong to no group, sort last and cost nothing (output 0)."""
   key_M1 = jnp.where(local_expert_M >= 0, local_expert_M, e_local)[:, None]
   d = sort_assignments(key_M1, e_local)
-  out = grouped_swiglu(rows_MD[d.token], d.sizes, w_gate_EDF, w_up_EDF, w_down_EFD, impl)
+  out = grouped_swiglu(d.rows(rows_MD), d.sizes, w_gate_EDF, w_up_EDF, w_down_EFD, impl)
   return unsort(out, d)[:, 0]
 
 
@@ -48,7 +48,7 @@ def _all_to_all_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_E
   d = sort_assignments(experts_TK, ep, e_local)  # Experts lie contiguously per device.
   slot, kept = d.slots(slots)
   send_XCD = jnp.zeros((ep, slots, x_TD.shape[-1]), x_TD.dtype).at[d.group, slot].set(
-      x_TD[d.token], mode="drop")
+      d.rows(x_TD), mode="drop")
   send_XC = jnp.full((ep, slots), -1, jnp.int32).at[d.group, slot].set(
       d.expert % e_local, mode="drop")
   recv_XCD = jax.lax.all_to_all(send_XCD, axis, 0, 0)
@@ -91,7 +91,7 @@ def _ragged_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, 
   kept_XX = jnp.clip(rows - placed_at_XX, 0, counts_XX)  # The first rows of a chunk that fit.
   send, recv = kept_XX[me], kept_XX[:, me]
   there = (sent_from_XX[me], send, placed_at_XX[me], recv)
-  recv_RD = collective(x_TD[d.token], jnp.zeros((rows, x_TD.shape[-1]), x_TD.dtype), *there,
+  recv_RD = collective(d.rows(x_TD), jnp.zeros((rows, x_TD.shape[-1]), x_TD.dtype), *there,
                        axis_name=axis)
   recv_R = collective((d.expert % e_local).astype(jnp.int32), jnp.full((rows,), -1, jnp.int32),
                       *there, axis_name=axis)

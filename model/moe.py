@@ -46,7 +46,7 @@ def dropless_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
   """Every assignment computed: rows sorted by expert through a grouped matmul (`impl`: the
   kernels.grouped_matmul implementation)."""
   d = sort_assignments(experts_TK, w_gate_EDF.shape[0])
-  y_sorted = grouped_swiglu(x_TD[d.token], d.sizes, w_gate_EDF, w_up_EDF, w_down_EFD, impl)
+  y_sorted = grouped_swiglu(d.rows(x_TD), d.sizes, w_gate_EDF, w_up_EDF, w_down_EFD, impl)
   return combine(y_sorted, d, weights_TK, x_TD.dtype), jnp.zeros((), jnp.int32)
 
 
@@ -61,7 +61,7 @@ def capacity_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
   d = sort_assignments(experts_TK, e)
   slot, kept = d.slots(slots)
   buf_ECD = jnp.zeros((e, slots, x_TD.shape[-1]), x_TD.dtype)
-  buf_ECD = buf_ECD.at[d.expert, slot].set(x_TD[d.token], mode="drop")
+  buf_ECD = buf_ECD.at[d.expert, slot].set(d.rows(x_TD), mode="drop")
   h = (jax.nn.silu(jnp.einsum("ECD,EDF->ECF", buf_ECD, w_gate_EDF))
        * jnp.einsum("ECD,EDF->ECF", buf_ECD, w_up_EDF))
   out_ECD = jnp.einsum("ECF,EFD->ECD", h, w_down_EFD)

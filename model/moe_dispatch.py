@@ -15,13 +15,33 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels.grouped_matmul import blocked_swiglu, grouped_matmul, resolve_impl
+from kernels.grouped_matmul import blocked_swiglu, gather_rows, grouped_matmul, resolve_impl
+
+
+@jax.custom_vjp
+def _gather_tokens(x_TD, token_M, position_M, k: int):
+  return x_TD[token_M]
+
+
+def _gather_tokens_fwd(x_TD, token_M, position_M, k):
+  return x_TD[token_M], (position_M, k, x_TD.shape[0])
+
+
+def _gather_tokens_bwd(residuals, g_MD):
+  # Each token's K rows, found through the inverse permutation and summed: gathers, where the
+  # plain gather's gradient would be a scatter-add (serial on XLA:CPU).
+  position_M, k, t = residuals
+  return g_MD[position_M].reshape(t, k, -1).sum(1), None, None, None
+
+
+_gather_tokens.defvjp(_gather_tokens_fwd, _gather_tokens_bwd)
 
 
 class Dispatch(NamedTuple):
   """The flattened assignments [T*K] sorted by group; every field is in sorted order."""
 
   order: jax.Array  # [T*K] int: index of each sorted row among the flattened assignments.
+  position: jax.Array  # [T*K] int: the inverse: each flattened assignment's sorted row.
   expert: jax.Array  # [T*K] int: its expert.
   group: jax.Array  # [T*K] int: its group (expert // experts_per_group).
   rank: jax.Array  # [T*K] int: its position within its group.
@@ -32,6 +52,10 @@ class Dispatch(NamedTuple):
   def token(self) -> jax.Array:
     """[T*K] the token each sorted row belongs to."""
     return self.order // self.k
+
+  def rows(self, x_TD: jax.Array) -> jax.Array:
+    """[T*K, D] each sorted row's token's features (x_TD[token]), differentiated by gathers."""
+    return _gather_tokens(x_TD, self.token, self.position, self.k)
 
   def slots(self, capacity: int) -> tuple[jax.Array, jax.Array]:
     """(slot [T*K], kept [T*K]) in a [group, capacity] buffer: the first `capacity` rows of each
@@ -53,12 +77,13 @@ def sort_assignments(experts_TK: jax.Array, num_groups: int, experts_per_group: 
   group = expert // experts_per_group
   sizes = jnp.zeros((num_groups,), jnp.int32).at[group].add(1, mode="drop")
   rank = jnp.arange(flat.shape[0]) - (jnp.cumsum(sizes) - sizes)[jnp.clip(group, 0, num_groups - 1)]
-  return Dispatch(order, expert, group, rank, sizes, k)
+  position = jnp.zeros_like(order).at[order].set(jnp.arange(flat.shape[0], dtype=order.dtype))
+  return Dispatch(order, position, expert, group, rank, sizes, k)
 
 
 def unsort(rows_sorted: jax.Array, d: Dispatch) -> jax.Array:
   """Rows in sorted order [T*K, ...] back in assignment order, as [T, K, ...]."""
-  rows = jnp.zeros_like(rows_sorted).at[d.order].set(rows_sorted)
+  rows = gather_rows(rows_sorted, d.position, d.order)
   return rows.reshape((-1, d.k) + rows_sorted.shape[1:])
 
 

@@ -233,25 +233,32 @@ def per_device_attention(attention_fn, q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, *
 
   Under a mesh the call sits in a `shard_map` with the batch over the batch axes and the heads over
   `tensor`: attention needs no communication then, and Pallas kernels (which XLA cannot partition)
-  see only local shapes. When some mesh axis would not split the work (heads not divisible by
-  `tensor`, a batch too small) the call is left to XLA's partitioner with `impl="xla"`: a kernel
-  there would run whole, on gathered operands, on every device.
+  see only local shapes. Queries and keys may be (nope, rope) pairs (kernels.attention); a rotary
+  key shared by every head (one head) is split over the batch only. When some mesh axis would not
+  split the work (heads not divisible by `tensor`, a batch too small) the call is left to XLA's
+  partitioner with `impl="xla"`: a kernel there would run whole, on gathered operands, on every
+  device.
   """
   mesh = current_mesh()
   if mesh is None or mesh.size == 1:
     return attention_fn(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, *args, **kwargs)
+  n = v_BSNV.shape[2]
   heads = lambda x: logical_to_spec(("batch", None, "heads", None), x.shape, mesh)
-  rows = logical_to_spec(("batch", None), (q_BTNH.shape[0], 1), mesh)
-  out_spec = heads(jax.ShapeDtypeStruct(q_BTNH.shape[:3] + v_BSNV.shape[3:], v_BSNV.dtype))
+  shared = lambda x: logical_to_spec(("batch", None, None, None), x.shape, mesh)
+  rows = logical_to_spec(("batch", None), (v_BSNV.shape[0], 1), mesh)
+  out_spec = heads(jax.ShapeDtypeStruct(v_BSNV.shape, v_BSNV.dtype))
   used = {a for entry in out_spec for a in spec_axes(entry)}
-  if (heads(k_BSNH) != heads(q_BTNH) or heads(v_BSNV) != heads(q_BTNH)
+  per_head = [x for x in jax.tree.leaves((q_BTNH, k_BSNH, v_BSNV)) if x.shape[2] == n]
+  if (any(heads(x) != out_spec for x in per_head)
       or any(size > 1 and a not in used for a, size in dict(mesh.shape).items())):
     # Some device would hold a replica: leave the partitioning to XLA, on the XLA reference.
     kwargs = dict(kwargs, impl="xla") if "impl" in kwargs else kwargs
     return attention_fn(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, *args, **kwargs)
   body = lambda q, k, v, *seg: attention_fn(q, k, v, seg[0] if seg else None, *args, **kwargs)
   operands = (q_BTNH, k_BSNH, v_BSNV) + (() if segment_ids_BT is None else (segment_ids_BT,))
-  specs = (heads(q_BTNH),) * 3 + (() if segment_ids_BT is None else (rows,))
+  specs = jax.tree.map(lambda x: heads(x) if x.shape[2] == n else shared(x),
+                       (q_BTNH, k_BSNH, v_BSNV))
+  specs = specs + (() if segment_ids_BT is None else (rows,))
   # Every mesh axis splits the operands (no replicas), so the unchecked transpose is exact; Pallas
   # calls carry no varying-axes types.
   return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec,

@@ -105,3 +105,30 @@ def test_build_is_cached_and_failures_name_the_command(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match=r"building flash_attention_cpu.cc failed: false "):
     native.build()
   assert list(tmp_path.glob("*.so")) == [first]  # A failed build leaves nothing half-written.
+
+
+@pytest.mark.parametrize("rope_heads", [1, 3])
+def test_nope_and_rope_parts_match_the_joined_heads(rope_heads):
+  """MLA's form: queries and keys as (nope, rope) parts, the rotary key shared by every head
+  (rope_heads 1) or per head; outputs and all five gradients equal the reference's on the joined
+  arrays (the shared key's gradient summed over heads)."""
+  b, t, n, hn, hr, v = 2, 75, 3, 20, 8, 12
+  ks = jax.random.split(jax.random.key(8), 6)
+  q_nope, q_rope = jax.random.normal(ks[0], (b, t, n, hn)), jax.random.normal(ks[1], (b, t, n, hr))
+  k_nope = jax.random.normal(ks[2], (b, t, n, hn))
+  k_rope = jax.random.normal(ks[3], (b, t, rope_heads, hr))
+  vv, cot = jax.random.normal(ks[4], (b, t, n, v)), jax.random.normal(ks[5], (b, t, n, v))
+  seg = _segments(b, t, 2, seed=9)
+
+  def out_and_grads(fn):
+    out, vjp = jax.vjp(fn, q_nope, q_rope, k_nope, k_rope, vv)
+    return out, vjp(cot)
+
+  got = out_and_grads(lambda qn, qr, kn, kr, v: native.native_attention(
+      (qn, qr), (kn, kr), v, seg, 0.3))
+  want = out_and_grads(lambda qn, qr, kn, kr, v: reference_attention(
+      native.join_heads((qn, qr), n), native.join_heads((kn, kr), n), v, seg, 0.3, True))
+  assert got[1][3].shape == k_rope.shape
+  np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=1e-5)
+  for name, a, w in zip(("dq_nope", "dq_rope", "dk_nope", "dk_rope", "dv"), got[1], want[1]):
+    np.testing.assert_allclose(a, w, atol=1e-4, rtol=1e-5, err_msg=name)

@@ -7,10 +7,14 @@
 // scores lives in a small stack buffer from its matmul to its use, the online softmax of flash
 // attention (Dao et al., 2022) in the forward and its recomputing backward.
 //
-// Contract (kernels/native_attention.py holds the Python side and the reference it must match):
-//   forward  (q [B,T,N,H], k [B,S,N,H], v [B,S,N,V] float32, segment ids [B,L] int32, L >= T, S;
+// Contract (kernels/native_attention.py holds the Python side; tests/test_native_attention.py the
+// reference it must match). Queries and keys come in two parts concatenated along the head
+// (H = Hn + Hr), so that MLA's shared rotary key is never broadcast or concatenated in memory:
+//   forward  (q_nope [B,T,N,Hn], q_rope [B,T,N,Hr], k_nope [B,S,N,Hn], k_rope [B,S,1 or N,Hr],
+//             v [B,S,N,V] float32, segment ids [B,L] int32, L >= T, S;
 //             attrs scale: f32, causal: i32) -> out [B,T,N,V], lse [B,N,T] float32
-//   backward (q, k, v, segment ids, out, lse, dout [B,T,N,V]) -> dq, dk, dv (float32)
+//   backward (the forward's operands, out, lse, dout [B,T,N,V])
+//            -> dq_nope, dq_rope, dk_nope, dk_rope per head [B,S,N,Hr], dv (float32)
 // Key s is visible to query t when their segment ids are equal and, if causal, s <= t. A query
 // that sees no key gets a zero output, lse = +inf, and zero gradients.
 //
@@ -165,47 +169,75 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int6
   state->cv.wait(lock, [&] { return state->done.load() == n; });
 }
 
+// Queries and keys come in two parts, concatenated along the head: a per-head part ("nope") and
+// a rotary part ("rope") that the keys may share across heads (MLA's decoupled RoPE key: one
+// head). Plain attention passes the whole head as the first part and a zero-width second part.
 struct Dims {
-  int64_t b, t, s, n, h, v, l;
-  int64_t hp, vp, sp;  // h, v padded to kLanes; s padded to kBlockK.
+  int64_t b, t, s, n, hn, hr, nr, v, l;  // nr: heads of the rotary keys (1 or n).
+  int64_t h, hp, vp, sp;  // h = hn + hr; h, v padded to kLanes; s padded to kBlockK.
 };
 
-ffi::Error CheckDims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
-                     const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::S32>& seg, Dims& d) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), sd = seg.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || sd.size() != 2) {
-    return ffi::Error::InvalidArgument("flash_attention_cpu: q, k, v need rank 4, segment ids 2");
+struct Operands {
+  const float *q_nope, *q_rope, *k_nope, *k_rope, *v;
+  const int32_t* seg;
+};
+
+ffi::Error CheckDims(const ffi::Buffer<ffi::F32>& q_nope, const ffi::Buffer<ffi::F32>& q_rope,
+                     const ffi::Buffer<ffi::F32>& k_nope, const ffi::Buffer<ffi::F32>& k_rope,
+                     const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::S32>& seg, Dims& d,
+                     Operands& x) {
+  const auto qn = q_nope.dimensions(), qr = q_rope.dimensions(), kn = k_nope.dimensions(),
+             kr = k_rope.dimensions(), vd = v.dimensions(), sd = seg.dimensions();
+  if (qn.size() != 4 || qr.size() != 4 || kn.size() != 4 || kr.size() != 4 || vd.size() != 4 ||
+      sd.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "flash_attention_cpu: queries, keys and values need rank 4, segment ids rank 2");
   }
-  d = Dims{qd[0], qd[1], kd[1], qd[2], qd[3], vd[3], sd[1], 0, 0, 0};
-  if (kd[0] != d.b || vd[0] != d.b || sd[0] != d.b || kd[2] != d.n || vd[2] != d.n ||
-      kd[3] != d.h || vd[1] != d.s || d.l < std::max(d.t, d.s)) {
-    return ffi::Error::InvalidArgument("flash_attention_cpu: inconsistent q/k/v/segment shapes");
+  d = Dims{qn[0], qn[1], kn[1], qn[2], qn[3], qr[3], kr[2], vd[3], sd[1], 0, 0, 0, 0};
+  const bool ok = qr[0] == d.b && qr[1] == d.t && qr[2] == d.n && kn[0] == d.b && kn[2] == d.n &&
+                  kn[3] == d.hn && kr[0] == d.b && kr[1] == d.s && (d.nr == 1 || d.nr == d.n) &&
+                  kr[3] == d.hr && vd[0] == d.b && vd[1] == d.s && vd[2] == d.n && sd[0] == d.b &&
+                  d.l >= std::max(d.t, d.s);
+  if (!ok) {
+    return ffi::Error::InvalidArgument("flash_attention_cpu: inconsistent query/key/value/segment shapes");
   }
+  d.h = d.hn + d.hr;
   d.hp = RoundUp(d.h, kLanes);
   d.vp = RoundUp(d.v, kLanes);
   d.sp = RoundUp(std::max<int64_t>(d.s, 1), kBlockK);
+  x = Operands{q_nope.typed_data(), q_rope.typed_data(), k_nope.typed_data(), k_rope.typed_data(),
+               v.typed_data(), seg.typed_data()};
   return ffi::Error::Success();
+}
+
+// Key s of head n, both parts, into dst[0:h].
+void LoadKey(const Dims& d, const Operands& x, int64_t b, int64_t n, int64_t s, float* dst) {
+  std::memcpy(dst, x.k_nope + ((b * d.s + s) * d.n + n) * d.hn, d.hn * sizeof(float));
+  if (d.hr) {
+    const int64_t head = d.nr == 1 ? 0 : n;
+    std::memcpy(dst + d.hn, x.k_rope + ((b * d.s + s) * d.nr + head) * d.hr, d.hr * sizeof(float));
+  }
 }
 
 // Per (batch row, head): keys and values as padded panels, the keys' segment ids (padded), and
 // each key block's segment range.
 struct HeadPanels {
-  HeadPanels(const Dims& d, const float* k, const float* v, const int32_t* seg, int64_t b,
-             int64_t n, bool backward)
+  HeadPanels(const Dims& d, const Operands& x, int64_t b, int64_t n, bool backward)
       : kt(d.hp * d.sp), kr(backward ? d.sp * d.hp : 0), vr(d.sp * d.vp),
         vt(backward ? d.vp * d.sp : 0), key_seg(d.sp), seg_min(d.sp / kBlockK),
         seg_max(d.sp / kBlockK) {
+    std::vector<float> key(d.h);
     for (int64_t s = 0; s < d.s; ++s) {
-      const float* ks = k + ((b * d.s + s) * d.n + n) * d.h;
-      const float* vs = v + ((b * d.s + s) * d.n + n) * d.v;
-      for (int64_t h = 0; h < d.h; ++h) kt.data[h * d.sp + s] = ks[h];
+      LoadKey(d, x, b, n, s, key.data());
+      const float* vs = x.v + ((b * d.s + s) * d.n + n) * d.v;
+      for (int64_t h = 0; h < d.h; ++h) kt.data[h * d.sp + s] = key[h];
       std::memcpy(vr.data + s * d.vp, vs, d.v * sizeof(float));
       if (backward) {
-        std::memcpy(kr.data + s * d.hp, ks, d.h * sizeof(float));
+        std::memcpy(kr.data + s * d.hp, key.data(), d.h * sizeof(float));
         for (int64_t c = 0; c < d.v; ++c) vt.data[c * d.sp + s] = vs[c];
       }
     }
-    const int32_t* ks = seg + b * d.l;
+    const int32_t* ks = x.seg + b * d.l;
     int32_t* key_seg_data = reinterpret_cast<int32_t*>(key_seg.data);
     std::memcpy(key_seg_data, ks, d.s * sizeof(int32_t));  // Padding keys are masked by position.
     for (int64_t j = 0; j < d.sp / kBlockK; ++j) {
@@ -229,6 +261,17 @@ void LoadRows(const float* x, const Dims& d, int64_t width, int64_t b, int64_t n
   std::memset(out, 0, kBlockQ * ld * sizeof(float));
   for (int64_t i = 0; i < rows; ++i) {
     std::memcpy(out + i * ld, x + ((b * d.t + q0 + i) * d.n + n) * width, width * sizeof(float));
+  }
+}
+
+// A query tile's rows, both parts, copied (zero-padded) into [kBlockQ][hp].
+void LoadQueries(const Dims& d, const Operands& x, int64_t b, int64_t n, int64_t q0, int64_t rows,
+                 float* out) {
+  std::memset(out, 0, kBlockQ * d.hp * sizeof(float));
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t row = (b * d.t + q0 + i) * d.n + n;
+    std::memcpy(out + i * d.hp, x.q_nope + row * d.hn, d.hn * sizeof(float));
+    if (d.hr) std::memcpy(out + i * d.hp + d.hn, x.q_rope + row * d.hr, d.hr * sizeof(float));
   }
 }
 
@@ -294,16 +337,15 @@ bool MaskTile(const Dims& d, const HeadPanels& panels, const QueryTile& tile, bo
   return any;
 }
 
-void ForwardHead(const Dims& d, float scale, bool causal, const float* q, const float* k,
-                 const float* v, const int32_t* seg, float* out, float* lse, int64_t b,
-                 int64_t n) {
-  HeadPanels panels(d, k, v, seg, b, n, /*backward=*/false);
-  const int32_t* seg_row = seg + b * d.l;
+void ForwardHead(const Dims& d, const Operands& x, float scale, bool causal, float* out,
+                 float* lse, int64_t b, int64_t n) {
+  HeadPanels panels(d, x, b, n, /*backward=*/false);
+  const int32_t* seg_row = x.seg + b * d.l;
   Buffer qt(kBlockQ * d.hp), acc(kBlockQ * d.vp), scores(kBlockQ * kBlockK);
   float m[kBlockQ], l[kBlockQ];
   for (int64_t q0 = 0; q0 < d.t; q0 += kBlockQ) {
     const QueryTile tile(d, seg_row, q0);
-    LoadRows(q, d, d.h, b, n, q0, tile.rows, d.hp, qt.data);
+    LoadQueries(d, x, b, n, q0, tile.rows, qt.data);
     for (int64_t i = 0; i < kBlockQ * d.hp; ++i) qt.data[i] *= scale;
     std::memset(acc.data, 0, kBlockQ * d.vp * sizeof(float));
     for (int64_t i = 0; i < kBlockQ; ++i) {
@@ -352,18 +394,23 @@ void ForwardHead(const Dims& d, float scale, bool causal, const float* q, const 
   }
 }
 
-void BackwardHead(const Dims& d, float scale, bool causal, const float* q, const float* k,
-                  const float* v, const int32_t* seg, const float* out, const float* lse,
-                  const float* dout, float* dq, float* dk, float* dv, int64_t b, int64_t n) {
-  HeadPanels panels(d, k, v, seg, b, n, /*backward=*/true);
-  const int32_t* seg_row = seg + b * d.l;
+// Gradients of both query parts, both key parts (the rotary keys' per head: [B, S, N, hr], summed
+// over heads by the caller when they are shared) and the values.
+struct Gradients {
+  float *q_nope, *q_rope, *k_nope, *k_rope, *v;
+};
+
+void BackwardHead(const Dims& d, const Operands& x, float scale, bool causal, const float* out,
+                  const float* lse, const float* dout, const Gradients& g, int64_t b, int64_t n) {
+  HeadPanels panels(d, x, b, n, /*backward=*/true);
+  const int32_t* seg_row = x.seg + b * d.l;
   Buffer dk_acc(d.sp * d.hp), dv_acc(d.sp * d.vp);
   Buffer qt(kBlockQ * d.hp), dot(kBlockQ * d.vp), ot(kBlockQ * d.vp), dq_acc(kBlockQ * d.hp);
   Buffer probs(kBlockQ * kBlockK), dscores(kBlockQ * kBlockK);
   float row_lse[kBlockQ], delta[kBlockQ];
   for (int64_t q0 = 0; q0 < d.t; q0 += kBlockQ) {
     const QueryTile tile(d, seg_row, q0);
-    LoadRows(q, d, d.h, b, n, q0, tile.rows, d.hp, qt.data);
+    LoadQueries(d, x, b, n, q0, tile.rows, qt.data);
     LoadRows(dout, d, d.v, b, n, q0, tile.rows, d.vp, dot.data);
     LoadRows(out, d, d.v, b, n, q0, tile.rows, d.vp, ot.data);
     std::memset(dq_acc.data, 0, kBlockQ * d.hp * sizeof(float));
@@ -402,45 +449,57 @@ void BackwardHead(const Dims& d, float scale, bool causal, const float* q, const
                      kBlockK);
     }
     for (int64_t i = 0; i < tile.rows; ++i) {
-      std::memcpy(dq + ((b * d.t + q0 + i) * d.n + n) * d.h, dq_acc.data + i * d.hp,
-                  d.h * sizeof(float));
+      const int64_t row = (b * d.t + q0 + i) * d.n + n;
+      std::memcpy(g.q_nope + row * d.hn, dq_acc.data + i * d.hp, d.hn * sizeof(float));
+      if (d.hr) std::memcpy(g.q_rope + row * d.hr, dq_acc.data + i * d.hp + d.hn, d.hr * sizeof(float));
     }
   }
   for (int64_t s = 0; s < d.s; ++s) {
-    std::memcpy(dk + ((b * d.s + s) * d.n + n) * d.h, dk_acc.data + s * d.hp, d.h * sizeof(float));
-    std::memcpy(dv + ((b * d.s + s) * d.n + n) * d.v, dv_acc.data + s * d.vp, d.v * sizeof(float));
+    const int64_t row = (b * d.s + s) * d.n + n;
+    std::memcpy(g.k_nope + row * d.hn, dk_acc.data + s * d.hp, d.hn * sizeof(float));
+    if (d.hr) std::memcpy(g.k_rope + row * d.hr, dk_acc.data + s * d.hp + d.hn, d.hr * sizeof(float));
+    std::memcpy(g.v + row * d.v, dv_acc.data + s * d.vp, d.v * sizeof(float));
   }
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, float scale,
-                   int32_t causal, ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> lse) {
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_nope,
+                   ffi::Buffer<ffi::F32> q_rope, ffi::Buffer<ffi::F32> k_nope,
+                   ffi::Buffer<ffi::F32> k_rope, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::S32> seg, float scale, int32_t causal,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   Dims d;
-  if (ffi::Error error = CheckDims(q, k, v, seg, d); error.failure()) return error;
+  Operands x;
+  if (ffi::Error error = CheckDims(q_nope, q_rope, k_nope, k_rope, v, seg, d, x);
+      error.failure()) {
+    return error;
+  }
   float* o = out->typed_data();
   float* l = lse->typed_data();
   ParallelFor(pool, d.b * d.n, [&](int64_t task) {
-    ForwardHead(d, scale, causal != 0, q.typed_data(), k.typed_data(), v.typed_data(),
-                seg.typed_data(), o, l, task / d.n, task % d.n);
+    ForwardHead(d, x, scale, causal != 0, o, l, task / d.n, task % d.n);
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> out,
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_nope,
+                    ffi::Buffer<ffi::F32> q_rope, ffi::Buffer<ffi::F32> k_nope,
+                    ffi::Buffer<ffi::F32> k_rope, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> out,
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, float scale,
-                    int32_t causal, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv) {
+                    int32_t causal, ffi::ResultBuffer<ffi::F32> dq_nope,
+                    ffi::ResultBuffer<ffi::F32> dq_rope, ffi::ResultBuffer<ffi::F32> dk_nope,
+                    ffi::ResultBuffer<ffi::F32> dk_rope, ffi::ResultBuffer<ffi::F32> dv) {
   Dims d;
-  if (ffi::Error error = CheckDims(q, k, v, seg, d); error.failure()) return error;
-  float* dqp = dq->typed_data();
-  float* dkp = dk->typed_data();
-  float* dvp = dv->typed_data();
+  Operands x;
+  if (ffi::Error error = CheckDims(q_nope, q_rope, k_nope, k_rope, v, seg, d, x);
+      error.failure()) {
+    return error;
+  }
+  const Gradients g{dq_nope->typed_data(), dq_rope->typed_data(), dk_nope->typed_data(),
+                    dk_rope->typed_data(), dv->typed_data()};
   ParallelFor(pool, d.b * d.n, [&](int64_t task) {
-    BackwardHead(d, scale, causal != 0, q.typed_data(), k.typed_data(), v.typed_data(),
-                 seg.typed_data(), out.typed_data(), lse.typed_data(), dout.typed_data(), dqp, dkp,
-                 dvp, task / d.n, task % d.n);
+    BackwardHead(d, x, scale, causal != 0, out.typed_data(), lse.typed_data(), dout.typed_data(),
+                 g, task / d.n, task % d.n);
   });
   return ffi::Error::Success();
 }
@@ -450,27 +509,33 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashAttentionForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_nope
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_rope
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_nope
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_rope
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // segment ids
                                   .Attr<float>("scale")
                                   .Attr<int32_t>("causal")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashAttentionBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_nope
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_rope
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_nope
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_rope
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // segment ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
                                   .Attr<float>("scale")
                                   .Attr<int32_t>("causal")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq_nope
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq_rope
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk_nope
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk_rope, per head
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv
