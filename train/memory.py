@@ -84,8 +84,8 @@ def activation_bytes(cfg: ModelConfig, sizes: dict, batch: int, seq: int,
                      microbatches: int = 1) -> dict:
   """Estimated activations the backward pass holds per device, by remat policy.
 
-  Per token and layer: attention keeps its projections (q, the latent, expanded k and v) and the
-  [N, S] float32 scores; the FFN its gate/up/hidden rows (K of them for routed experts, plus the
+  Per token and layer: attention keeps its projections (q, the latent, expanded k and v) and, on
+  the "xla" reference path only, the [N, S] float32 scores (fused kernels: a log-sum-exp per head); the FFN its gate/up/hidden rows (K of them for routed experts, plus the
   dispatch buffers: ep x K rows when dropless); heads and FFN widths divide by `tensor`. With
   remat "full" only each layer's input survives the forward pass, plus one layer's working set
   during its recomputation; "dots_saveable" keeps the matmul outputs. Every policy adds one
@@ -106,7 +106,10 @@ def activation_bytes(cfg: ModelConfig, sizes: dict, batch: int, seq: int,
   else:
     proj = n * 6 * cfg.head_dim
     dots = n * 3 * cfg.head_dim + d
-  scores = 3 * n * seq * 4  # Logits, masked logits, probabilities: float32.
+  # The reference ("xla") keeps [N, S] float32 logits, masked logits and probabilities; the
+  # fused kernels (native on CPU, Pallas flash, cuDNN) and the chunked path keep one float32
+  # log-sum-exp per head and recompute the rest in the backward.
+  scores = 3 * n * seq * 4 if cfg.attention_impl == "xla" else n * 4
   attn_per_token = (proj + 4 * d) * b + scores
 
   def ffn(width, rows=1):
