@@ -165,6 +165,12 @@ def current_mesh():
   return None if mesh.empty else mesh
 
 
+def is_split(logical: str, size: int) -> bool:
+  """Whether an axis of this logical name and size is split over the current mesh."""
+  mesh = current_mesh()
+  return mesh is not None and logical_to_spec((logical,), (size,), mesh) != P()
+
+
 def constrain(x: jax.Array, *logical: Optional[str]) -> jax.Array:
   """`with_sharding_constraint` of `x` to its logical axes; a no-op without a mesh in context."""
   mesh = current_mesh()
