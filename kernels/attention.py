@@ -21,7 +21,7 @@ from kernels.backend import on_accelerator
 from kernels.chunked_attention import chunked_attention
 from kernels.flash_attention import flash_attention, reference_attention
 from kernels.native_attention import available as native_available
-from kernels.native_attention import join_heads, native_attention
+from kernels.native_attention import native_attention
 
 IMPLS = ("auto", "xla", "chunked", "native", "pallas", "cudnn")
 
@@ -35,6 +35,16 @@ def resolve_impl(impl: str) -> str:
       return "pallas"
     return "native" if jax.default_backend() == "cpu" and native_available() else "chunked"
   return impl
+
+
+def join_heads(x, heads: int):
+  """Queries or keys as one [B, L, N, H] array: a (nope, rope) pair concatenated along the head,
+  a rotary part shared by every head (one head) broadcast to `heads` first."""
+  if not isinstance(x, (tuple, list)):
+    return x
+  nope, rope = x
+  rope = jnp.broadcast_to(rope, rope.shape[:2] + (heads,) + rope.shape[3:])
+  return jnp.concatenate([nope, rope.astype(nope.dtype)], axis=-1)
 
 
 def nn_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale: float, causal: bool = True,

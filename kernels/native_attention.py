@@ -158,22 +158,12 @@ def _native(q_nope, q_rope, k_nope, k_rope, v_BSNV, segment_ids_BL, scale, causa
 _native.defvjp(_forward, _backward)
 
 
-def split_heads(x, heads: int | None = None):
+def _split_heads(x):
   """(per-head part, rotary part) of queries or keys given whole ([B, L, N, H]: a zero-width
   rotary part) or as a (nope [B, L, N, Hn], rope [B, L, N or 1, Hr]) pair."""
   if isinstance(x, (tuple, list)):
     return tuple(x)
   return x, x[..., :0]
-
-
-def join_heads(x, heads: int):
-  """Queries or keys as one [B, L, N, H] array: a (nope, rope) pair concatenated along the head,
-  a rotary part shared by every head (one head) broadcast to `heads` first."""
-  if not isinstance(x, (tuple, list)):
-    return x
-  nope, rope = x
-  rope = jnp.broadcast_to(rope, rope.shape[:2] + (heads,) + rope.shape[3:])
-  return jnp.concatenate([nope, rope.astype(nope.dtype)], axis=-1)
 
 
 def native_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale: float,
@@ -182,14 +172,14 @@ def native_attention(q_BTNH, k_BSNH, v_BSNV, segment_ids_BT, scale: float,
 
   Queries and keys may each come as a (nope, rope) pair, the parts concatenated along the head
   without being materialised: MLA's decoupled RoPE, whose rotary key [B, S, 1, Hr] is shared by
-  every head (`join_heads` gives the equivalent single arrays). Segment ids [B, max(T, S)]:
-  queries use the first T, keys the first S (None: one segment). Raises RuntimeError (with the
-  build's reason) where the kernel is unavailable.
+  every head (`kernels.attention.join_heads` gives the equivalent single arrays). Segment ids
+  [B, max(T, S)]: queries use the first T, keys the first S (None: one segment). Raises
+  RuntimeError (with the build's reason) where the kernel is unavailable.
   """
   if not available():
     raise RuntimeError(f"attention impl 'native' is unavailable: {unavailable_reason()}")
-  q_nope, q_rope = split_heads(q_BTNH)
-  k_nope, k_rope = split_heads(k_BSNH)
+  q_nope, q_rope = _split_heads(q_BTNH)
+  k_nope, k_rope = _split_heads(k_BSNH)
   b, t = q_nope.shape[:2]
   s = k_nope.shape[1]
   if segment_ids_BT is None:

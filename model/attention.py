@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels.attention import attention
-from kernels.native_attention import join_heads
+from kernels.attention import attention, join_heads
 from model.config import ModelConfig
 from model.layers import Einsum, RMSNorm, compute_dtype
 from model.rope import apply_rope

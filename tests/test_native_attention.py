@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kernels import native_attention as native
-from kernels.attention import attention, resolve_impl
+from kernels.attention import attention, join_heads, resolve_impl
 from kernels.flash_attention import reference_attention
 from tests.test_flash_attention import _assert_parity, _inputs, _out_and_grads
 
@@ -127,7 +127,7 @@ def test_nope_and_rope_parts_match_the_joined_heads(rope_heads):
   got = out_and_grads(lambda qn, qr, kn, kr, v: native.native_attention(
       (qn, qr), (kn, kr), v, seg, 0.3))
   want = out_and_grads(lambda qn, qr, kn, kr, v: reference_attention(
-      native.join_heads((qn, qr), n), native.join_heads((kn, kr), n), v, seg, 0.3, True))
+      join_heads((qn, qr), n), join_heads((kn, kr), n), v, seg, 0.3, True))
   assert got[1][3].shape == k_rope.shape
   np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=1e-5)
   for name, a, w in zip(("dq_nope", "dq_rope", "dk_nope", "dk_rope", "dv"), got[1], want[1]):

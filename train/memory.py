@@ -85,8 +85,9 @@ def activation_bytes(cfg: ModelConfig, sizes: dict, batch: int, seq: int,
   """Estimated activations the backward pass holds per device, by remat policy.
 
   Per token and layer: attention keeps its projections (q, the latent, expanded k and v) and, on
-  the "xla" reference path only, the [N, S] float32 scores (fused kernels: a log-sum-exp per head); the FFN its gate/up/hidden rows (K of them for routed experts, plus the
-  dispatch buffers: ep x K rows when dropless); heads and FFN widths divide by `tensor`. With
+  the "xla" reference path only, the [N, S] float32 scores (fused kernels: a log-sum-exp per
+  head); the FFN its gate/up/hidden rows (K of them for routed experts, plus the dispatch
+  buffers: ep x K rows when dropless); heads and FFN widths divide by `tensor`. With
   remat "full" only each layer's input survives the forward pass, plus one layer's working set
   during its recomputation; "dots_saveable" keeps the matmul outputs. Every policy adds one
   layer's cotangents. The output head keeps float32 logits (and their gradient) for the main and
