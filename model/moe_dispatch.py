@@ -18,25 +18,6 @@ import jax.numpy as jnp
 from kernels.grouped_matmul import blocked_swiglu, gather_rows, grouped_matmul, resolve_impl
 
 
-@jax.custom_vjp
-def _gather_tokens(x_TD, token_M, position_M, k: int):
-  return x_TD[token_M]
-
-
-def _gather_tokens_fwd(x_TD, token_M, position_M, k):
-  return x_TD[token_M], (position_M, k, x_TD.shape[0])
-
-
-def _gather_tokens_bwd(residuals, g_MD):
-  # Each token's K rows, found through the inverse permutation and summed: gathers, where the
-  # plain gather's gradient would be a scatter-add (serial on XLA:CPU).
-  position_M, k, t = residuals
-  return g_MD[position_M].reshape(t, k, -1).sum(1), None, None, None
-
-
-_gather_tokens.defvjp(_gather_tokens_fwd, _gather_tokens_bwd)
-
-
 class Dispatch(NamedTuple):
   """The flattened assignments [T*K] sorted by group; every field is in sorted order."""
 
@@ -54,8 +35,10 @@ class Dispatch(NamedTuple):
     return self.order // self.k
 
   def rows(self, x_TD: jax.Array) -> jax.Array:
-    """[T*K, D] each sorted row's token's features (x_TD[token]), differentiated by gathers."""
-    return _gather_tokens(x_TD, self.token, self.position, self.k)
+    """[T*K, D] each sorted row's token's features (x_TD[token]): the tokens repeated K times,
+    then permuted by `gather_rows`, so the gradient is gathers and a sum over K, not a
+    scatter-add."""
+    return gather_rows(jnp.repeat(x_TD, self.k, axis=0), self.order, self.position)
 
   def slots(self, capacity: int) -> tuple[jax.Array, jax.Array]:
     """(slot [T*K], kept [T*K]) in a [group, capacity] buffer: the first `capacity` rows of each
