@@ -36,7 +36,7 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _FORWARD, _BACKWARD = "deepjax_flash_attention_cpu_fwd", "deepjax_flash_attention_cpu_bwd"
 
 _lock = threading.Lock()
-_state: dict = {}  # "library": path once registered, or "error": why not.
+_state: dict = {}  # "library": the loaded library once registered, or "error": why not.
 
 
 def cache_dir() -> Path:
@@ -63,7 +63,7 @@ def _cpu_signature() -> str:
   return platform.machine() + platform.processor()
 
 
-def build(force: bool = False) -> Path:
+def build() -> Path:
   """Compiles the kernel (unless a cached build exists) and returns the shared library's path.
 
   Raises RuntimeError naming the compiler command and its output when the build fails.
@@ -73,10 +73,11 @@ def build(force: bool = False) -> Path:
     raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
   include = jax.ffi.include_dir()
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-  key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), compiler, version,
-                                  metadata.version("jaxlib"), _cpu_signature()]).encode()).hexdigest()[:16]
+  identity = [SOURCE.read_text(), " ".join(FLAGS), compiler, version, metadata.version("jaxlib"),
+              _cpu_signature()]
+  key = hashlib.sha256("\0".join(identity).encode()).hexdigest()[:16]
   target = cache_dir() / f"flash_attention_cpu_{key}.so"
-  if target.exists() and not force:
+  if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
