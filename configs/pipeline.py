@@ -39,9 +39,9 @@ def get_config(arg=None):
       temperature=1.0, max_new_tokens=64, batch_size=64, seed=0,
       perplexity_chats=64))  # Held-out reference chats per family for the chat stages' perplexity.
   if arg == "quick":  # The notebook's default: about half the budget of the default.
-    c.base.update(total_steps=500, checkpoint_every=250, eval_every=250)
-    c.base.step.mtp_switch_step = 400
-    c.sft.update(total_steps=200)
+    c.base.update(total_steps=1000, checkpoint_every=500, eval_every=500)
+    c.base.step.mtp_switch_step = 800
+    c.sft.update(total_steps=300, checkpoint_every=100)
     c.reward_model.update(total_steps=50, eval_every=50)
     c.dpo.update(total_steps=80, eval_every=80)
     c.grpo.update(total_steps=10, checkpoint_every=10, eval_every=10)

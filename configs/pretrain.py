@@ -27,9 +27,9 @@ def get_config(arg=None):
       kind="train_sentencepiece",  # Or "sentencepiece" / "hf_json" with `path`.
       path="", train_docs=4000, bos_token="", eos_token=""))
   c.optimizer = common.optimizer()
-  c.step = common.step(mtp_switch_step=800)  # V3: 0.3, then 0.1 for the last fifth.
+  c.step = common.step(mtp_switch_step=1600)  # V3: 0.3, then 0.1 for the last fifth.
   c.mesh = common.mesh()
-  common.add_loop(c, total_steps=1000, checkpoint_every=250, eval_every=250)
+  common.add_loop(c, total_steps=2000, checkpoint_every=500, eval_every=500)
   if arg == "deepseek_v3":
     c.model.preset = "deepseek_v3_671b"
     c.model_overrides.update(vocab_size=129280, max_seq_len=4096, dtype="bfloat16",

@@ -39,7 +39,7 @@ def get_config(arg=None):
   # The MTP head trained along (weight 0.1 throughout); no spike guard on short runs.
   c.step = common.step(mtp_weight=0.1, mtp_weight_final=0.1, mtp_switch_step=0, spike_zscore=0.0)
   c.mesh = common.mesh()
-  common.add_loop(c, keep_checkpoints=2)
+  common.add_loop(c, total_steps=600, checkpoint_every=200, keep_checkpoints=2)
   if arg == "lora":
     c.lora.rank = 8
     c.optimizer.peak_lr = 3e-3

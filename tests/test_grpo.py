@@ -208,14 +208,14 @@ def test_step_accuracy_credits_the_problems_own_steps_done_right():
       "(5 - 2) * 3 = 9"]  # Not a step (a op b = c), so no credit: 0.
   np.testing.assert_allclose(steps([""] * 7, completions, problems=[p] * 7),
                              [0.0, 0.5, 0.0, 0.5, 0.5, 1.0, 0.0])
-  with pytest.raises(ValueError, match=r"\['countdown'\] have no step checks"):
-    cd = get_task("countdown").problems("train", 1)
-    step_accuracy({"countdown": get_task("countdown")})([""], ["x"], problems=cd)
+  with pytest.raises(ValueError, match=r"\['program'\] have no step checks"):
+    programs = get_task("program").problems("train", 1)
+    step_accuracy({"program": get_task("program")})([""], ["x"], problems=programs)
   from configs.grpo import get_config
   from posttrain.grpo import rl_batches
   c = get_config()
-  c.data.problems, c.rewards.steps = 4, 1.0
-  with pytest.raises(ValueError, match=r"the task families \['countdown'\] cannot"):
+  c.data.problems, c.data.tasks, c.rewards.steps = 4, "arithmetic,program", 1.0
+  with pytest.raises(ValueError, match=r"the task families \['program'\] cannot"):
     rl_batches(c, RolloutConfig(), None, None)  # Refused before anything is built.
 
 
@@ -243,8 +243,40 @@ def test_step_credit_places_each_steps_share_where_the_step_ends():
   solutions = [p.solution for p in problems]
   scaled = step_credits({"arithmetic": task}, 2.0)(problems, solutions)
   assert [sum(r for _, r in row) for row in scaled] == pytest.approx([2.0] * 30)
-  with pytest.raises(ValueError, match=r"\['countdown'\] have no step checks"):
-    step_credits({"countdown": get_task("countdown")}, 1.0)
+  with pytest.raises(ValueError, match=r"\['program'\] have no step checks"):
+    step_credits({"program": get_task("program")}, 1.0)
+
+
+def test_countdown_step_credit_counts_legal_moves_before_the_first_illegal_one():
+  from posttrain.tasks import get_task
+  task = get_task("countdown")
+  p = task.make([3, 5, 2, 4], ["+", "*", "-"])  # ((3 + 5) * 2) - 4 = 12: three combinations.
+  third = 1 / 3
+  cases = {  # completion: the text each step's credit ends on (None: the end), and the credits.
+      p.solution: (["3 + 5 = 8", "8 * 2 = 16", "16 - 4 = 12"], [third] * 3),
+      # Legal moves that miss the target still earn their credit (accuracy says it missed).
+      "<think>3 + 5 = 8. 2 + 4 = 6. 8 * 6 = 48.</think>(3 + 5) * (2 + 4)":
+          (["3 + 5 = 8", "2 + 4 = 6", "8 * 6 = 48"], [third] * 3),
+      "<think>3 + 5 = 8. 8 * 5 = 40. 40 - 4 = 36.</think>x":  # 5 used twice: nothing after.
+          (["3 + 5 = 8", "8 * 5 = 40", "40 - 4 = 36"], [third, 0.0, 0.0]),
+      "<think>3 + 5 = 9. 9 * 2 = 18. 18 - 4 = 14.</think>x":  # False first step.
+          (["3 + 5 = 9", "9 * 2 = 18", "18 - 4 = 14"], [0.0, 0.0, 0.0]),
+      "<think>4 * 4 = 16. 16 - 3 = 13.</think>x": (["4 * 4 = 16", "16 - 3 = 13", None],
+                                                  [0.0, 0.0, 0.0]),  # One 4 given.
+      "<think>3 + 5 = 8. 8 - 8 = 0.</think>x":  # The 8 made once is used up by itself.
+          (["3 + 5 = 8", "8 - 8 = 0", None], [third, 0.0, 0.0]),
+      "<think>5 - 3 = 2. 2 * 2 = 4. 4 * 4 = 16.</think>x":  # A result and a given number alike.
+          (["5 - 3 = 2", "2 * 2 = 4", "4 * 4 = 16"], [third] * 3),
+      "3 + 5 = 8. 8 * 2 = 16. So 16": (["3 + 5 = 8", "8 * 2 = 16", None], [third, third, 0.0])}
+  for completion, (texts, want) in cases.items():
+    credit = task.step_credit(p, completion)
+    assert [c for _, c in credit] == pytest.approx(want), completion
+    for (end, _), text in zip(credit, texts):
+      assert end == len(completion) if text is None else completion[:end].endswith(text)
+    assert sum(want) == pytest.approx(task.step_score(p, completion))
+  problems = task.problems("train", 30)
+  scaled = step_credits({"countdown": task}, 2.0)(problems, [q.solution for q in problems])
+  assert [sum(r for _, r in row) for row in scaled] == pytest.approx([2.0] * 30)
 
 
 def test_process_advantages_match_a_direct_loop_and_a_hand_computation():

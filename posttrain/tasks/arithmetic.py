@@ -27,6 +27,20 @@ def shown_steps(text: str) -> list[tuple[int, str, int, int]]:
   return [(int(a), op, int(b), int(c)) for a, op, b, c in _STEP.findall(text)]
 
 
+def reasoning_steps(response: str) -> tuple[list[tuple[int, tuple[int, str, int, int]]], int]:
+  """The steps "a op b = c" a response's reasoning shows, each with the character offset where it
+  ends, and the offset where the reasoning ends. The reasoning is the `<think>` section of a
+  well-formed response, else all the text before `<|end|>` (so a malformed response's steps still
+  count)."""
+  text = response.split(END, 1)[0]
+  first, last = 0, len(text)
+  if parse_response(text).well_formed:
+    first, last = text.index(THINK_OPEN) + len(THINK_OPEN), text.index(THINK_CLOSE)
+  steps = [(m.end(), (int(m[1]), m[2], int(m[3]), int(m[4])))
+           for m in _STEP.finditer(text, first, last)]
+  return steps, len(text)
+
+
 def final_answer(response: str) -> str | None:
   """The answer a response states: the part after `</think>` when well formed, else an explicit
   "Answer: N" / `#### N` / `\\boxed{}` anywhere in it; None when there is none."""
@@ -108,19 +122,15 @@ class Arithmetic:
     when it and every step before it are right, else 0. The credits sum to `step_score`: the
     process reward of DeepSeekMath's process supervision, placed on the tokens that earn it."""
     ops = field(problem, "ops")
-    text = response.split(END, 1)[0]
-    first, last = 0, len(text)
-    if parse_response(text).well_formed:  # Steps count inside the reasoning only.
-      first, last = text.index(THINK_OPEN) + len(THINK_OPEN), text.index(THINK_CLOSE)
-    shown = list(_STEP.finditer(text, first, last))
+    shown, text_end = reasoning_steps(response)
     value, right, credits = field(problem, "start"), True, []
     for k, (op, operand) in enumerate(ops):
       if k >= len(shown):
-        credits.append((len(text), 0.0))
+        credits.append((text_end, 0.0))
         continue
-      a, step_op, b, c = shown[k].groups()
+      end, step = shown[k]
       result = OPS[op](value, operand)
-      right = right and (int(a), step_op, int(b), int(c)) == (value, op, operand, result)
-      credits.append((shown[k].end(), 1.0 / len(ops) if right else 0.0))
+      right = right and step == (value, op, operand, result)
+      credits.append((end, 1.0 / len(ops) if right else 0.0))
       value = result
     return credits

@@ -12,10 +12,11 @@ import dataclasses
 import random
 
 from posttrain.chat import THINK_CLOSE, assistant_content, parse_response
+from posttrain.tasks.arithmetic import reasoning_steps
 from posttrain.tasks.base import Problem, Verdict, distinct, field
 from posttrain.tasks.expression import ExpressionError, evaluate
 from train import corpus
-from train.corpus import calculation_steps, countdown_key, is_held_out, random_countdown
+from train.corpus import OPS, calculation_steps, countdown_key, is_held_out, random_countdown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,3 +73,32 @@ class Countdown:
     if value != target:
       return Verdict(0.0, f"evaluates to {value}, not {target}")
     return Verdict(1.0, f"reaches {target}")
+
+  def step_score(self, problem: Problem, response: str) -> float:
+    """The fraction of the puzzle's combinations (one fewer than its numbers) that the response's
+    reasoning carries out as legal moves before its first illegal one (`step_credit`)."""
+    return sum(credit for _, credit in self.step_credit(problem, response))
+
+  def step_credit(self, problem: Problem, response: str) -> list[tuple[int, float]]:
+    """`step_score` step by step: one (end, credit) per combination the puzzle needs, `end` the
+    character offset where the reasoning's k-th shown step "a op b = c" ends (the reasoning's end
+    when fewer are shown) and `credit` 1 / combinations when it and every step before it are
+    legal moves: the equation true, and a and b both among the values still at hand (given
+    numbers not yet used, results of earlier steps not yet used). The credit is for legal moves,
+    not for progress: reaching the target is the answer's accuracy. Steps with "/" are not read
+    as steps (the reference chains use + - * only)."""
+    numbers = field(problem, "numbers")
+    combinations = len(numbers) - 1
+    shown, text_end = reasoning_steps(response)
+    at_hand, right, credits = collections.Counter(numbers), True, []
+    for k in range(combinations):
+      if k >= len(shown):
+        credits.append((text_end, 0.0))
+        continue
+      end, (a, op, b, c) = shown[k]
+      operands = collections.Counter((a, b))
+      right = right and OPS[op](a, b) == c and not operands - at_hand
+      if right:
+        at_hand = at_hand - operands + collections.Counter((c,))
+      credits.append((end, 1.0 / combinations if right else 0.0))
+    return credits
