@@ -219,6 +219,17 @@ def test_step_accuracy_credits_the_problems_own_steps_done_right():
     rl_batches(c, RolloutConfig(), None, None)  # Refused before anything is built.
 
 
+def _check_step_credits(task, p, cases):
+  """Each case's credits, where each ends (its text, None: the completion's end), and their sum
+  as the step score."""
+  for completion, (texts, want) in cases.items():
+    credit = task.step_credit(p, completion)
+    assert [c for _, c in credit] == pytest.approx(want), completion
+    for (end, _), text in zip(credit, texts):
+      assert end == len(completion) if text is None else completion[:end].endswith(text)
+    assert sum(want) == pytest.approx(task.step_score(p, completion))
+
+
 def test_step_credit_places_each_steps_share_where_the_step_ends():
   from posttrain.tasks import get_task
   task = get_task("arithmetic")
@@ -233,12 +244,7 @@ def test_step_credit_places_each_steps_share_where_the_step_ends():
       "<think>Step 1: 5 - 2 = 3.</think>3 * 3 = 9": (["5 - 2 = 3", None], [0.5, 0.0]),
       "Step 1: 5 - 2 = 3. Step 2: 3 * 3 = 9. So 9": (["5 - 2 = 3", "3 * 3 = 9"], [0.5, 0.5]),
       "(5 - 2) * 3 = 9": ([None, None], [0.0, 0.0])}
-  for completion, (texts, want) in cases.items():
-    credit = task.step_credit(p, completion)
-    assert [c for _, c in credit] == pytest.approx(want), completion
-    for (end, _), text in zip(credit, texts):
-      assert end == len(completion) if text is None else completion[:end].endswith(text)
-    assert sum(want) == pytest.approx(task.step_score(p, completion))
+  _check_step_credits(task, p, cases)
   problems = task.problems("train", 30)
   solutions = [p.solution for p in problems]
   scaled = step_credits({"arithmetic": task}, 2.0)(problems, solutions)
@@ -268,12 +274,7 @@ def test_countdown_step_credit_counts_legal_moves_before_the_first_illegal_one()
       "<think>5 - 3 = 2. 2 * 2 = 4. 4 * 4 = 16.</think>x":  # A result and a given number alike.
           (["5 - 3 = 2", "2 * 2 = 4", "4 * 4 = 16"], [third] * 3),
       "3 + 5 = 8. 8 * 2 = 16. So 16": (["3 + 5 = 8", "8 * 2 = 16", None], [third, third, 0.0])}
-  for completion, (texts, want) in cases.items():
-    credit = task.step_credit(p, completion)
-    assert [c for _, c in credit] == pytest.approx(want), completion
-    for (end, _), text in zip(credit, texts):
-      assert end == len(completion) if text is None else completion[:end].endswith(text)
-    assert sum(want) == pytest.approx(task.step_score(p, completion))
+  _check_step_credits(task, p, cases)
   problems = task.problems("train", 30)
   scaled = step_credits({"countdown": task}, 2.0)(problems, [q.solution for q in problems])
   assert [sum(r for _, r in row) for row in scaled] == pytest.approx([2.0] * 30)
