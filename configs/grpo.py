@@ -45,7 +45,8 @@ def get_config(arg=None):
       accuracy=1.0,  # Weight of the verifier's score.
       format=0.0,  # Weight of the <think>...</think>answer format reward; 0: off.
       steps=0.0,  # Weight of the process reward: the fraction of the problem's own steps the
-                  # reasoning carries out right (arithmetic's step_score); 0: off.
+                  # reasoning carries out right (the task's step_score: arithmetic's steps,
+                  # countdown's legal moves); 0: off.
       overlong_cache=0,  # > 0: DAPO's soft overlong penalty over the last this many tokens.
       reward_model="",  # A reward-model workdir (posttrain.reward_model): RLHF against it.
       reward_model_weight=1.0,

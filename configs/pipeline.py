@@ -24,10 +24,11 @@ def get_config(arg=None):
   c.reward_model.update(total_steps=100, eval_every=100)
   c.dpo = dpo.get_config("rpo")  # Plain DPO lowers held-out pass@1 on these pairs; RPO raises it.
   c.dpo.update(total_steps=150, eval_every=150)
-  # The arithmetic recipe, whole (32 prompts x 8 at temperature 0.7, answer + steps reward with
-  # each step's credit on its tokens, two updates per rollout, 380 steps, about 9 minutes): its
-  # first 60 steps did not lift DPO's held-out pass@1, and the default (8 x 8 at temperature 1,
-  # the answer alone) took it from 0.37 to 0.18 in 30 steps (README, "What GRPO does").
+  # The arithmetic recipe (32 prompts x 8 at temperature 0.7, answer + steps reward with each
+  # step's credit on its tokens, two updates per rollout, 380 steps, about 8 minutes), on both
+  # families: on the 2026-12-07 demo its first 60 steps did not lift DPO's held-out pass@1, and
+  # the default (8 x 8 at temperature 1, the answer alone) took it from 0.37 to 0.18 in 30 steps
+  # (README, "What GRPO does").
   c.grpo = grpo.get_config("reasoning")
   # Both families (countdown's step credit counts legal moves): from seed 0's DPO model (greedy,
   # 200 held-out problems) arithmetic 0.64 -> 0.855 and countdown 0.155 -> 0.12, where the

@@ -53,7 +53,8 @@ def think_format(prompts, completions, **fields) -> list[float]:
 def step_accuracy(tasks: dict) -> Reward:
   """A process reward: each row's `task.step_score(problem, completion)` in [0, 1], the fraction
   of the problem's own steps its reasoning carries out right before its first mistake (the
-  families that have one: arithmetic). ValueError for a family without step checks."""
+  families that have one: arithmetic, and countdown, whose steps count when they are legal
+  moves). ValueError for a family without step checks."""
   def steps(prompts, completions, problems, **fields):
     del prompts, fields
     missing = sorted({p.task for p in problems if not hasattr(tasks.get(p.task), "step_score")})

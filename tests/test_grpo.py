@@ -273,8 +273,18 @@ def test_countdown_step_credit_counts_legal_moves_before_the_first_illegal_one()
           (["3 + 5 = 8", "8 - 8 = 0", None], [third, 0.0, 0.0]),
       "<think>5 - 3 = 2. 2 * 2 = 4. 4 * 4 = 16.</think>x":  # A result and a given number alike.
           (["5 - 3 = 2", "2 * 2 = 4", "4 * 4 = 16"], [third] * 3),
-      "3 + 5 = 8. 8 * 2 = 16. So 16": (["3 + 5 = 8", "8 * 2 = 16", None], [third, third, 0.0])}
+      "3 + 5 = 8. 8 * 2 = 16. So 16": (["3 + 5 = 8", "8 * 2 = 16", None], [third, third, 0.0]),
+      "<think>3 + 5 = 9. 2 * 4 = 8. 9 - 8 = 1.</think>x":  # Legal after an illegal one: nothing.
+          (["3 + 5 = 9", "2 * 4 = 8", "9 - 8 = 1"], [0.0, 0.0, 0.0]),
+      "<think>3 + 5 = 8. 8 * 2 = 16. 8 - 4 = 4.</think>x":  # The 8 was used up by step 2.
+          (["3 + 5 = 8", "8 * 2 = 16", "8 - 4 = 4"], [third, third, 0.0]),
+      "<think>3 + 5 = 8. 8 * 2 = 16. 16 - 4 = 12. 12 - 12 = 0.</think>12":  # Past the three.
+          (["3 + 5 = 8", "8 * 2 = 16", "16 - 4 = 12"], [third] * 3)}
   _check_step_credits(task, p, cases)
+  p = task.make([3, 7, 2], ["-", "*"])  # (3 - 7) * 2 = -8: a negative value at hand.
+  _check_step_credits(task, p, {
+      p.solution: (["3 - 7 = -4", "-4 * 2 = -8"], [0.5, 0.5]),
+      "<think>3 - 7 = -4. -4 / 2 = -2.</think>x": (["3 - 7 = -4", None], [0.5, 0.0])})  # "/" unread.
   problems = task.problems("train", 30)
   scaled = step_credits({"countdown": task}, 2.0)(problems, [q.solution for q in problems])
   assert [sum(r for _, r in row) for row in scaled] == pytest.approx([2.0] * 30)

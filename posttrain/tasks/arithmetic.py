@@ -29,9 +29,9 @@ def shown_steps(text: str) -> list[tuple[int, str, int, int]]:
 
 def reasoning_steps(response: str) -> tuple[list[tuple[int, tuple[int, str, int, int]]], int]:
   """The steps "a op b = c" a response's reasoning shows, each with the character offset where it
-  ends, and the offset where the reasoning ends. The reasoning is the `<think>` section of a
-  well-formed response, else all the text before `<|end|>` (so a malformed response's steps still
-  count)."""
+  ends, and the length of the response's text before `<|end|>` (where a step not shown earns
+  its zero credit). The reasoning is the `<think>` section of a well-formed response, else all
+  the text before `<|end|>` (so a malformed response's steps still count)."""
   text = response.split(END, 1)[0]
   first, last = 0, len(text)
   if parse_response(text).well_formed:
