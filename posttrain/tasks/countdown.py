@@ -85,8 +85,9 @@ class Countdown:
     response's text when fewer are shown) and `credit` 1 / combinations when it and every step before it are
     legal moves: the equation true, and a and b both among the values still at hand (given
     numbers not yet used, results of earlier steps not yet used). The credit is for legal moves,
-    not for progress: reaching the target is the answer's accuracy. Steps with "/" are not read
-    as steps (the reference chains use + - * only)."""
+    not for progress: reaching the target is the answer's accuracy. A solution that combines
+    fewer numbers earns fewer credits, a retry after an illegal step none, and steps with "/" are
+    not read as steps (the reference chains use + - * only)."""
     numbers = field(problem, "numbers")
     combinations = len(numbers) - 1
     shown, text_end = reasoning_steps(response)
