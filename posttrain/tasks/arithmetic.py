@@ -22,9 +22,15 @@ from train.corpus import OPS, calculation_key, calculation_steps, is_held_out, r
 _STEP = re.compile(r"(?<![\w.])(-?\d+) ([-+*]) (-?\d+) = (-?\d+)(?![\w.]*\d)")
 
 
+def _steps_between(text: str, first: int, last: int) -> list[tuple[int, tuple[int, str, int, int]]]:
+  """(end offset, (a, op, b, c)) of each step "a op b = c" in text[first:last], in order."""
+  return [(m.end(), (int(m[1]), m[2], int(m[3]), int(m[4])))
+          for m in _STEP.finditer(text, first, last)]
+
+
 def shown_steps(text: str) -> list[tuple[int, str, int, int]]:
   """The steps "a op b = c" (op one of + - *) that `text` states, in order."""
-  return [(int(a), op, int(b), int(c)) for a, op, b, c in _STEP.findall(text)]
+  return [step for _, step in _steps_between(text, 0, len(text))]
 
 
 def reasoning_steps(response: str) -> tuple[list[tuple[int, tuple[int, str, int, int]]], int]:
@@ -36,9 +42,7 @@ def reasoning_steps(response: str) -> tuple[list[tuple[int, tuple[int, str, int,
   first, last = 0, len(text)
   if parse_response(text).well_formed:
     first, last = text.index(THINK_OPEN) + len(THINK_OPEN), text.index(THINK_CLOSE)
-  steps = [(m.end(), (int(m[1]), m[2], int(m[3]), int(m[4])))
-           for m in _STEP.finditer(text, first, last)]
-  return steps, len(text)
+  return _steps_between(text, first, last), len(text)
 
 
 def final_answer(response: str) -> str | None:

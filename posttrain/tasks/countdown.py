@@ -82,12 +82,12 @@ class Countdown:
   def step_credit(self, problem: Problem, response: str) -> list[tuple[int, float]]:
     """`step_score` step by step: one (end, credit) per combination the puzzle needs, `end` the
     character offset where the reasoning's k-th shown step "a op b = c" ends (the end of the
-    response's text when fewer are shown) and `credit` 1 / combinations when it and every step before it are
-    legal moves: the equation true, and a and b both among the values still at hand (given
-    numbers not yet used, results of earlier steps not yet used). The credit is for legal moves,
-    not for progress: reaching the target is the answer's accuracy. A solution that combines
-    fewer numbers earns fewer credits, a retry after an illegal step none, and steps with "/" are
-    not read as steps (the reference chains use + - * only)."""
+    response's text when fewer are shown) and `credit` 1 / combinations when it and every step
+    before it are legal moves: the equation true, and a and b both among the values still at
+    hand (given numbers not yet used, results of earlier steps not yet used). The credit is for
+    legal moves, not for progress: reaching the target is the answer's accuracy. A solution that
+    combines fewer numbers earns fewer credits, a retry after an illegal step none, and steps
+    with "/" are not read as steps (the reference chains use + - * only)."""
     numbers = field(problem, "numbers")
     combinations = len(numbers) - 1
     shown, text_end = reasoning_steps(response)
