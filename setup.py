@@ -8,7 +8,7 @@ setup(
     description=__doc__,
     packages=find_packages(include=["model*", "train*", "posttrain*", "kernels*", "configs*"]),
     # The CPU attention kernel's source: kernels/native_attention.py compiles it on first use.
-    package_data={"kernels": ["csrc/*.cc"]},
+    package_data={"kernels": ["csrc/*.cc", "csrc/*.h"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2", "flax>=0.12", "optax", "orbax-checkpoint", "chex", "grain", "sentencepiece",

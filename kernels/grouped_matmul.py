@@ -9,8 +9,10 @@ Implementations, chosen by `impl`:
   "ragged"  `jax.lax.ragged_dot`: XLA's grouped matmul on TPU/GPU. On CPU (jax 0.10.2) XLA lowers it
             to a masked dense dot over every group, G times the FLOPs.
   "blocked" rows padded per group to whole blocks, each block multiplied by its group's weights:
-            FLOPs of about (M + G * block) x K x N; the fast exact path on CPU.
-  "auto"    "pallas" on TPU/GPU, "blocked" elsewhere.
+            FLOPs of about (M + G * block) x K x N; XLA's fastest exact path on CPU.
+  "native"  the C++ XLA:CPU kernel (`kernels.native_grouped_matmul`): each group's own rows times
+            its weights read in place, no padding or weight copies; CPU only.
+  "auto"    "pallas" on TPU/GPU; on CPU "native" where it builds, else "blocked".
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from kernels.backend import on_accelerator
+from kernels import native_grouped_matmul
 from kernels.grouped_matmul_pallas import DEFAULT_TILES, pallas_grouped_matmul
 
-IMPLS = ("auto", "xla", "pallas", "ragged", "blocked")
+IMPLS = ("auto", "xla", "pallas", "ragged", "blocked", "native")
 
 
 @jax.custom_vjp
@@ -112,7 +115,9 @@ def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f"grouped_matmul impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
-    return "pallas" if on_accelerator() else "blocked"
+    if on_accelerator():
+      return "pallas"
+    return "native" if native_grouped_matmul.available() else "blocked"
   if impl == "xla":
     return "ragged" if on_accelerator() else "blocked"
   return impl
@@ -129,4 +134,6 @@ def grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, impl: str = "auto", tiles=DEF
                                  interpret=not on_accelerator())
   if impl == "ragged":
     return jax.lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G)
+  if impl == "native":
+    return native_grouped_matmul.native_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G)
   return blocked_grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G)

@@ -4,11 +4,10 @@ through XLA's FFI, forward and a recomputing backward.
 XLA:CPU cannot fuse a matmul with the softmax around it, so attention written in JAX streams each
 block of scores through memory several times; that traffic, not the FLOPs, was most of the train
 step's time on CPU. The kernel keeps each 32 x 64 tile of scores in cache from its matmul to its
-use. It is built from source on first use with the system's C++ compiler (`CXX`, else `g++` or
-`c++`), `-O3 -march=native`, into a cache directory (`DEEPJAX_KERNEL_CACHE`, default
-`~/.cache/deepjax/kernels`) keyed by the source, the flags, jaxlib and the CPU; later processes load
-the cached library. Where no compiler works `available()` is False with the reason in
-`unavailable_reason()`, and `impl="auto"` keeps the chunked JAX path.
+use. It is built from source on first use (`kernels.native_build`: the system's C++ compiler,
+`-O3 -march=native`, a cache keyed by source, flags, compiler, jaxlib and CPU). Where no compiler
+works `available()` is False with the reason in `unavailable_reason()`, and `impl="auto"` keeps
+the chunked JAX path.
 
 Numerics as `flash_attention.reference_attention`: float32 throughout (other dtypes are cast),
 masked keys excluded, a query that sees no key gets a zero output and zero gradients.
@@ -17,106 +16,33 @@ masked keys excluded, a query that sees no key gets a zero output and zero gradi
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-from importlib import metadata
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).parent / "csrc" / "flash_attention_cpu.cc"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+from kernels.native_build import CSRC, NativeLibrary
+
+SOURCE = CSRC / "flash_attention_cpu.cc"
 _FORWARD, _BACKWARD = "deepjax_flash_attention_cpu_fwd", "deepjax_flash_attention_cpu_bwd"
-
-_lock = threading.Lock()
-_state: dict = {}  # "library": the loaded library once registered, or "error": why not.
-
-
-def cache_dir() -> Path:
-  """Where built kernels are kept."""
-  return Path(os.environ.get("DEEPJAX_KERNEL_CACHE",
-                             Path.home() / ".cache" / "deepjax" / "kernels"))
+_LIBRARY = NativeLibrary(SOURCE, {_FORWARD: "FlashAttentionForward",
+                                  _BACKWARD: "FlashAttentionBackward"})
 
 
-def _compiler() -> str | None:
-  for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-    if name and shutil.which(name):
-      return name
-  return None
-
-
-def _cpu_signature() -> str:
-  """The CPU's feature flags (what -march=native compiles for), or the machine name."""
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith(("flags", "Features")):
-        return line
-  except OSError:
-    pass
-  return platform.machine() + platform.processor()
-
-
-def build() -> Path:
-  """Compiles the kernel (unless a cached build exists) and returns the shared library's path.
-
-  Raises RuntimeError naming the compiler command and its output when the build fails.
-  """
-  compiler = _compiler()
-  if compiler is None:
-    raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-  include = jax.ffi.include_dir()
-  version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-  identity = [SOURCE.read_text(), " ".join(FLAGS), compiler, version, metadata.version("jaxlib"),
-              _cpu_signature()]
-  key = hashlib.sha256("\0".join(identity).encode()).hexdigest()[:16]
-  target = cache_dir() / f"flash_attention_cpu_{key}.so"
-  if target.exists():
-    return target
-  target.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-    partial = Path(tmp) / target.name
-    cmd = [compiler, *FLAGS, "-isystem", include, "-o", str(partial), str(SOURCE)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-      raise RuntimeError(f"building {SOURCE.name} failed: {' '.join(cmd)}\n{done.stderr[-4000:]}")
-    os.replace(partial, target)  # Atomic: concurrent builders each install a whole library.
-  return target
-
-
-def _register() -> None:
-  """Builds and loads the library and registers its two FFI targets, once per process."""
-  import ctypes  # Deferred: only needed here.
-  with _lock:
-    if _state:
-      return
-    try:
-      library = ctypes.cdll.LoadLibrary(str(build()))
-      jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(library.FlashAttentionForward),
-                                  platform="cpu")
-      jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(library.FlashAttentionBackward),
-                                  platform="cpu")
-      _state["library"] = library
-    except (RuntimeError, OSError, AttributeError) as e:
-      _state["error"] = str(e)
+def build():
+  """Compiles the kernel (unless a cached build exists) and returns the shared library's path;
+  RuntimeError naming the compiler command when the build fails (`native_build.build`)."""
+  return _LIBRARY.build()
 
 
 def available() -> bool:
   """Whether the CPU kernel is built and registered in this process (builds it if needed)."""
-  _register()
-  return "library" in _state
+  return _LIBRARY.available()
 
 
 def unavailable_reason() -> str | None:
   """Why the kernel could not be built or loaded, or None when it is available."""
-  _register()
-  return _state.get("error")
+  return _LIBRARY.unavailable_reason()
 
 
 def _call(name, results, *operands, scale: float, causal: bool):

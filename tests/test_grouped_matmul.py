@@ -1,8 +1,9 @@
 """Grouped matmul implementations against a per-group numpy reference, forward and gradients.
 
 The Pallas kernel runs in interpret mode on CPU, with tiles that do not divide M, K or N, empty
-groups (leading, inner, trailing) and rows past the last group. Tolerances (float32): outputs
-atol 1e-4, gradients atol 1e-3 (rtol 1e-5), as for the other paths.
+groups (leading, inner, trailing) and rows past the last group. The native CPU kernel runs on
+shapes that cross its tiles (rows per microkernel, depth panels, row and column blocks).
+Tolerances (float32): outputs atol 1e-4, gradients atol 1e-3 (rtol 1e-5), as for the other paths.
 """
 
 import jax
@@ -10,8 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.grouped_matmul import blocked_grouped_matmul, blocked_swiglu, grouped_matmul
+from kernels import native_grouped_matmul as native
+from kernels.grouped_matmul import (blocked_grouped_matmul, blocked_swiglu, grouped_matmul,
+                                    resolve_impl)
 from kernels.grouped_matmul_pallas import pallas_grouped_matmul
+
+needs_native = pytest.mark.skipif(not native.available(),
+                                  reason=f"no native kernel: {native.unavailable_reason()}")
 
 
 def reference(lhs, rhs, sizes):
@@ -23,7 +29,8 @@ def reference(lhs, rhs, sizes):
 
 
 @pytest.mark.parametrize("sizes", [[5, 0, 17, 3], [0, 0, 25, 0], [64, 1, 0, 0], [7, 6, 6, 6]])
-@pytest.mark.parametrize("impl", ["ragged", "blocked", "xla"])
+@pytest.mark.parametrize("impl", ["ragged", "blocked", "xla",
+                                  pytest.param("native", marks=needs_native)])
 def test_forward_matches_reference(sizes, impl):
   m = sum(sizes)
   lhs = jax.random.normal(jax.random.key(0), (m, 13))
@@ -94,7 +101,8 @@ def test_pallas_matches_ragged_dot_with_gradients(schedule, sizes, k, n, tiles):
   np.testing.assert_array_equal(grads[1][np.asarray(sizes) == 0], 0)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "blocked"])
+@pytest.mark.parametrize("impl", ["ragged", "blocked",
+                                  pytest.param("native", marks=needs_native)])
 def test_rows_past_the_last_group_are_zero(impl):
   sizes = jnp.asarray([4, 0, 3])
   lhs = jax.random.normal(jax.random.key(9), (12, 5))  # Five rows belong to no group.
@@ -103,6 +111,58 @@ def test_rows_past_the_last_group_are_zero(impl):
   np.testing.assert_allclose(got[:7], reference(lhs[:7], rhs, sizes), atol=1e-4, rtol=1e-5)
   np.testing.assert_array_equal(got[7:], 0)
   np.testing.assert_array_equal(vjp(jnp.ones_like(got))[0][7:], 0)
+
+
+@needs_native
+@pytest.mark.parametrize("sizes,k,n", [
+    ([0, 200, 7, 0, 40], 300, 270),  # Rows over one row block, depth over one panel, cols over
+    ([1, 0, 5], 3, 2),               # one column block; tiny groups, depth and width.
+])
+def test_native_matches_float64_reference_with_gradients(sizes, k, n):
+  """Forward, d lhs and d weights against float64 numpy, per group; five rows past the last
+  group: zero output, zero gradient; a group without rows: zero weight gradient."""
+  m = sum(sizes) + 5
+  ks = jax.random.split(jax.random.key(11), 3)
+  lhs, rhs = jax.random.normal(ks[0], (m, k)), jax.random.normal(ks[1], (len(sizes), k, n))
+  cot = jax.random.normal(ks[2], (m, n))
+  out, vjp = jax.vjp(lambda l, r: native.native_grouped_matmul(l, r, jnp.asarray(sizes)), lhs, rhs)
+  d_lhs, d_rhs = vjp(cot)
+  l64, r64, c64 = (np.asarray(x, np.float64) for x in (lhs, rhs, cot))
+  want_out, want_dl, want_dr = np.zeros((m, n)), np.zeros((m, k)), np.zeros(rhs.shape)
+  start = 0
+  for g, size in enumerate(sizes):
+    rows = slice(start, start + size)
+    want_out[rows] = l64[rows] @ r64[g]
+    want_dl[rows] = c64[rows] @ r64[g].T
+    want_dr[g] = l64[rows].T @ c64[rows]
+    start += size
+  tol = dict(atol=2e-4 * np.sqrt(max(k, n, m)), rtol=1e-5)
+  np.testing.assert_allclose(out, want_out, **tol)
+  np.testing.assert_allclose(d_lhs, want_dl, **tol)
+  np.testing.assert_allclose(d_rhs, want_dr, **tol)
+  np.testing.assert_array_equal(np.asarray(out)[m - 5:], 0)
+  np.testing.assert_array_equal(np.asarray(d_lhs)[m - 5:], 0)
+  np.testing.assert_array_equal(np.asarray(d_rhs)[np.asarray(sizes) == 0], 0)
+
+
+@needs_native
+def test_native_bfloat16_keeps_dtype_and_vmap_runs():
+  sizes = jnp.asarray([3, 9])
+  lhs = jax.random.normal(jax.random.key(12), (12, 20))
+  rhs = jax.random.normal(jax.random.key(13), (2, 20, 17))
+  got = native.native_grouped_matmul(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), sizes)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), reference(lhs, rhs, sizes),
+                             atol=0.3, rtol=3e-2)
+  batched = jax.vmap(lambda l: native.native_grouped_matmul(l, rhs, sizes))(jnp.stack([lhs, -lhs]))
+  np.testing.assert_allclose(batched[1], -reference(lhs, rhs, sizes), atol=1e-4, rtol=1e-5)
+
+
+def test_auto_is_native_on_cpu_and_blocked_without_it(monkeypatch):
+  assert resolve_impl("auto") == ("native" if native.available() else "blocked")
+  assert resolve_impl("xla") == "blocked"  # XLA's own path: never the custom call.
+  monkeypatch.setattr(native, "available", lambda: False)
+  assert resolve_impl("auto") == "blocked"
 
 
 def test_pallas_through_switch():

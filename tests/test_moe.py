@@ -30,21 +30,28 @@ def _routing(key, t=40, e=8, k=2):
   return experts, jax.random.uniform(k2, (t, k))
 
 
-def test_dropless_equals_dense_reference():
+# Every CPU grouped-matmul path (auto is "native" where the kernel builds, else "blocked").
+CPU_IMPLS = ["blocked", "native", "ragged"]
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_dropless_equals_dense_reference(impl):
   ws = _weights(jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (40, 32))
   experts, weights = _routing(jax.random.key(2))
-  got, dropped = moe.dropless_ffn(x, experts, weights, *ws)
+  got, dropped = moe.dropless_ffn(x, experts, weights, *ws, impl=impl)
   np.testing.assert_allclose(got, dense_reference(x, experts, weights, *ws), atol=1e-5, rtol=1e-5)
   assert int(dropped) == 0
 
 
-def test_dropless_gradients_equal_dense_reference():
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_dropless_gradients_equal_dense_reference(impl):
   ws = _weights(jax.random.key(3))
   x = jax.random.normal(jax.random.key(4), (24, 32))
   experts, weights = _routing(jax.random.key(5), t=24)
   loss = lambda fn: (lambda x, w, *ws: (fn(x, experts, w, *ws)[0] ** 2).sum())
-  ours = jax.grad(loss(moe.dropless_ffn), argnums=(0, 1, 2, 3, 4))(x, weights, *ws)
+  ffn = lambda *a: moe.dropless_ffn(*a, impl=impl)
+  ours = jax.grad(loss(ffn), argnums=(0, 1, 2, 3, 4))(x, weights, *ws)
   ref_fn = lambda *a: (dense_reference(*a), None)
   ref = jax.grad(loss(ref_fn), argnums=(0, 1, 2, 3, 4))(x, weights, *ws)
   for a, b in zip(ours, ref):

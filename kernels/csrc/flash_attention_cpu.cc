@@ -21,52 +21,23 @@
 // Tasks run on XLA's intra-op thread pool; the calling thread works too, so a pool busy with
 // other thunks never blocks the call.
 
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <condition_variable>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <functional>
-#include <limits>
-#include <memory>
-#include <mutex>
-#include <string>
-#include <vector>
-
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu_common.h"
 
 namespace {
 
+using deepjax::Buffer;
+using deepjax::kLanes;
+using deepjax::ParallelFor;
+using deepjax::RoundUp;
+using deepjax::Splat;
+using deepjax::Vec;
+
 constexpr int64_t kBlockQ = 32;  // Queries per tile (a multiple of kRows).
 constexpr int64_t kBlockK = 64;  // Keys per tile: four vectors of 16 floats.
-constexpr int64_t kLanes = 16;   // Floats per vector.
 constexpr int64_t kRows = 4;     // Rows per microkernel call: they share every panel load.
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// A zero-filled float buffer aligned for Vec loads.
-struct Buffer {
-  explicit Buffer(int64_t n) {
-    const size_t bytes = static_cast<size_t>(RoundUp(std::max<int64_t>(n, 1) * sizeof(float), 64));
-    data = static_cast<float*>(std::aligned_alloc(64, bytes));
-    std::memset(data, 0, bytes);
-  }
-  ~Buffer() { std::free(data); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  float* data;
-};
-
 typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline Vec Splat(float x) { return Vec{} + x; }
 
 inline float MaxLanes(Vec v) {
   float m = v[0];
@@ -139,34 +110,6 @@ void TileAccumulate(const float* coef, int64_t row_stride, int64_t depth_stride,
       for (int64_t i = 0; i < kRows; ++i) *reinterpret_cast<Vec*>(out + (r + i) * ldo + c) = acc[i];
     }
   }
-}
-
-// Runs fn(0..n-1) on the pool's threads and this one; returns when every index is done.
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t n = 0;
-    const std::function<void(int64_t)>* fn = nullptr;
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  state->n = n;
-  state->fn = &fn;
-  auto work = [](State& s) {
-    for (int64_t i; (i = s.next.fetch_add(1)) < s.n;) {
-      (*s.fn)(i);  // Only reached for an unfinished index: the caller is still waiting.
-      if (s.done.fetch_add(1) + 1 == s.n) {
-        std::lock_guard<std::mutex> lock(s.mu);
-        s.cv.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([state, work] { work(*state); });
-  work(*state);
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == n; });
 }
 
 // Queries and keys come in two parts, concatenated along the head: a per-head part ("nope") and
