@@ -16,8 +16,10 @@ TEMP_TOLERANCE = (0.75, 1.33)  # XLA:CPU temp / planned gradients + activations.
 
 
 @pytest.mark.parametrize("remat", ["full"])  # Remat "none": test_sharding.py's 8-device meshes.
-def test_plan_matches_compiled_memory_analysis(remat):
-  cfg = small_config(num_layers=4, mtp_depth=0, vocab_size=64, remat_policy=remat)
+@pytest.mark.parametrize("moe_impl", ["blocked", "auto"])  # auto: the native kernel on CPU.
+def test_plan_matches_compiled_memory_analysis(remat, moe_impl):
+  cfg = small_config(num_layers=4, mtp_depth=0, vocab_size=64, remat_policy=remat,
+                     moe_impl=moe_impl)
   tx = opt.make_optimizer(opt.OptimizerConfig(peak_lr=1e-3, warmup_steps=1, total_steps=10))
   template, state = create_train_state(init_model(cfg), tx)
   data = jax.tree.map(jnp.asarray, batch(cfg, b=8, t=64))

@@ -19,6 +19,7 @@ from absl import app, flags
 from flax import nnx
 
 from model import sharding
+from kernels.grouped_matmul import resolve_impl as resolve_moe_impl
 from model.config import ModelConfig, get_preset
 from model.params import abstract_model
 
@@ -87,9 +88,9 @@ def activation_bytes(cfg: ModelConfig, sizes: dict, batch: int, seq: int,
   Per token and layer: attention keeps its projections (q, the latent, expanded k and v) and, on
   the "xla" reference path only, the [N, S] float32 scores (fused kernels: a log-sum-exp per
   head); the FFN its gate/up/hidden rows (K of them for routed experts, plus the dispatch
-  buffers: ep x K rows when dropless); heads and FFN widths divide by `tensor`. With
-  remat "full" only each layer's input survives the forward pass, plus one layer's working set
-  during its recomputation; "dots_saveable" keeps the matmul outputs. Every policy adds one
+  buffers: ep x K rows when dropless, and the blocked grouped matmul's padded copies); heads and
+  FFN widths divide by `tensor`. With remat "full" only each layer's input survives the forward
+  pass, plus one layer's working set during its recomputation; "dots_saveable" keeps the matmul outputs. Every policy adds one
   layer's cotangents. The output head keeps float32 logits (and their gradient) for the main and
   MTP heads.
   """
@@ -123,7 +124,10 @@ def activation_bytes(cfg: ModelConfig, sizes: dict, batch: int, seq: int,
     buffer_rows = k * ep if (ep > 1 and cfg.capacity_factor is None) else k * (
         cfg.capacity_factor or 1.0) if ep > 1 else k
     routed, routed_dots = ffn(f, buffer_rows)
-    routed += 3 * buffer_rows * d * b + 4 * cfg.num_experts * 4  # Dispatch, return; router f32.
+    # The dispatched rows (and, on the blocked XLA:CPU path, their two padded block copies);
+    # router scores in float32.
+    copies = 3 if resolve_moe_impl(cfg.moe_impl) == "blocked" else 1
+    routed += copies * buffer_rows * d * b + 4 * cfg.num_experts * 4
     shared, shared_dots = ffn(f * cfg.num_shared_experts) if cfg.num_shared_experts else (0, 0)
     moe, moe_dots = routed + shared, routed_dots + shared_dots
   else:
