@@ -27,7 +27,7 @@ from model.attention import MLAttention, dot_product_attention, masked_softmax
 from model.config import ModelConfig
 from model.layers import compute_dtype
 from model.sharding import constrain
-from model.transformer import Block, Transformer
+from model.transformer import Block, Transformer, scans_layers
 
 CACHE_KINDS = ("latent", "expanded")
 
@@ -176,9 +176,11 @@ def _write(stack_array, layer, rows_B1, slots_BT, values_BT):
 
 
 def _decode_stack(blocks: Optional[Block], kind, stack: Optional[LayerCache], x_BTD, positions_BT,
-                  mask_B1TS, record: bool = False):
+                  mask_B1TS, record: bool = False, layer_states=None):
   """Extends one stack's cache with the new tokens and runs them through its layers; also
-  returns the MoE layers' experts of the new tokens [L, B, T, K] when `record`, else None."""
+  returns the MoE layers' experts of the new tokens [L, B, T, K] when `record`, else None.
+  `layer_states`: the stack's per-layer parameters already sliced (`unstacked_layers`), run in a
+  Python loop; else a scan slices them."""
   if blocks is None:
     return x_BTD, None, None
   graphdef, state = nnx.split(blocks)
@@ -203,9 +205,34 @@ def _decode_stack(blocks: Optional[Block], kind, stack: Optional[LayerCache], x_
     h_BTD, stats = block.feed_forward(h_BTD + out)
     return (h_BTD, first, second), stats.experts if record and stats is not None else None
 
-  layers = jnp.arange(stack.first.shape[0])
-  (x_BTD, first, second), experts = jax.lax.scan(body, (x_BTD, *stack), (state, layers))
+  if layer_states is None:
+    layers = jnp.arange(stack.first.shape[0])
+    (x_BTD, first, second), experts = jax.lax.scan(body, (x_BTD, *stack), (state, layers))
+  else:
+    carry, experts = (x_BTD, *stack), []
+    for layer, layer_state in enumerate(layer_states):
+      carry, layer_experts = body(carry, (layer_state, layer))
+      experts.append(layer_experts)
+    (x_BTD, first, second) = carry
+    experts = None if experts[0] is None else jnp.stack(experts)
   return x_BTD, LayerCache(first, second).constrained(), experts
+
+
+def unstacked_layers(model: Transformer):
+  """(dense, MoE) per-layer parameter states for `decode_step`, each stack sliced once, or None
+  for a stack that runs as a scan (`transformer.scans_layers`). A decode loop that slices the
+  layers outside its token loop reads every layer's weights in place at each token; a scan
+  inside it copies each layer's weights out of the stack at every token (on CPU, most of a
+  small batch's decode time)."""
+  def split(blocks):
+    if blocks is None:
+      return None
+    state = nnx.state(blocks)
+    n = jax.tree.leaves(state)[0].shape[0]
+    if scans_layers(model.cfg, n):
+      return None
+    return [jax.tree.map(lambda a, i=i: a[i], state) for i in range(n)]
+  return split(model.dense_layers), split(model.moe_layers)
 
 
 def _positions_and_mask(lengths_B, t: int, max_len: int):
@@ -216,26 +243,27 @@ def _positions_and_mask(lengths_B, t: int, max_len: int):
   return positions_BT, (slots_S[None, None, :] <= positions_BT[:, :, None])[:, None]
 
 
-def decode_hidden(model: Transformer, cache: Cache, tokens_BT):
+def decode_hidden(model: Transformer, cache: Cache, tokens_BT, layers=(None, None)):
   """Appends tokens [B, T] at each row's length; returns (the last block's hidden states
-  [B, T, D] before the final norm, cache)."""
+  [B, T, D] before the final norm, cache). `layers`: `unstacked_layers(model)`, for a loop."""
   b, t = tokens_BT.shape
   positions_BT, mask_B1TS = _positions_and_mask(cache.lengths, t, cache.max_len)
   x_BTD = model.embed(tokens_BT)
   dense, moe = cache.stacks
   x_BTD, dense, _ = _decode_stack(model.dense_layers, cache.kind, dense, x_BTD, positions_BT,
-                                  mask_B1TS)
+                                  mask_B1TS, layer_states=layers[0])
   record = cache.experts
   x_BTD, moe, experts = _decode_stack(model.moe_layers, cache.kind, moe, x_BTD, positions_BT,
-                                      mask_B1TS, record is not None)
+                                      mask_B1TS, record is not None, layers[1])
   if record is not None:  # [L, B, T, K] of the new tokens, written at their positions.
     record = record.at[:, jnp.arange(b)[:, None], positions_BT].set(experts)
   return x_BTD, Cache((dense, moe), cache.lengths + t, cache.kind, record)
 
 
-def decode_step(model: Transformer, cache: Cache, tokens_BT):
-  """Appends tokens [B, T] (usually T = 1) at each row's length; returns (logits [B, T, Y], cache)."""
-  x_BTD, cache = decode_hidden(model, cache, tokens_BT)
+def decode_step(model: Transformer, cache: Cache, tokens_BT, layers=(None, None)):
+  """Appends tokens [B, T] (usually T = 1) at each row's length; returns (logits [B, T, Y], cache).
+  `layers`: `unstacked_layers(model)`, sliced once outside a loop of steps."""
+  x_BTD, cache = decode_hidden(model, cache, tokens_BT, layers)
   return model.output_logits(model.final_norm(x_BTD)), cache
 
 

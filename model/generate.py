@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from model.decode import (Cache, decode_hidden, decode_step, last_token_logits, mtp_decode,
-                          mtp_prefill, prefill, prefill_hidden)
+                          mtp_prefill, prefill, prefill_hidden, unstacked_layers)
 from model.sampling import SamplingConfig, sample_logits
 from model.transformer import Transformer, inference_model
 
@@ -97,9 +97,11 @@ def decode_loop(model: Transformer, cache: Cache, logits_BY, key, sampling: Samp
     i, _, _, _, _, _, done = carry
     return (i < n) & ~jnp.all(done)
 
+  layers = unstacked_layers(model)
+
   def body(carry):
     i, cache, tok, tokens, logprobs, lengths, done = carry
-    logits, cache = decode_step(model, cache, tok[:, None])
+    logits, cache = decode_step(model, cache, tok[:, None], layers)
     tok, tokens, logprobs, lengths, done = sample_and_record(
         i, logits[:, 0], tokens, logprobs, lengths, done)
     return i + 1, cache, tok, tokens, logprobs, lengths, done
@@ -144,11 +146,12 @@ def speculative_greedy(model: Transformer, tokens_BT, lengths_B, sampling: Sampl
   mtp_logits_BTY, mtp_cache = mtp_prefill(model, h_BTD, next_BT, cache.lengths, t + n, kind)
   draft = jnp.argmax(mtp_logits_BTY[rows_B, cache.lengths - 1], axis=-1).astype(jnp.int32)
   zeros = jnp.zeros((b,), jnp.int32)
+  layers = unstacked_layers(model)
 
   def body(carry):
     cache, mtp_cache, tok, draft, out_tokens, out_logprobs, produced, done, steps, accepted = carry
     start_B = cache.lengths  # Position of `tok`; the draft goes at start + 1.
-    h_B2D, cache = decode_hidden(model, cache, jnp.stack([tok, draft], axis=1))
+    h_B2D, cache = decode_hidden(model, cache, jnp.stack([tok, draft], axis=1), layers)
     logits_B2Y = model.output_logits(model.final_norm(h_B2D))
     first, first_lp = greedy(logits_B2Y[:, 0])
     second, second_lp = greedy(logits_B2Y[:, 1])

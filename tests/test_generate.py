@@ -75,6 +75,20 @@ def test_ragged_batch_equals_each_prompt_alone(model):
     np.testing.assert_allclose(batch.logprobs[i], alone.logprobs[0], atol=1e-5)
 
 
+def test_layers_sliced_once_decode_as_the_scan_does(model):
+  """On CPU the decode loop slices each layer's weights once, outside its token loop
+  (`unstacked_layers`); with layer_loop="scan" every step scans the stacks. Same tokens, same
+  log-probs; the recorded experts too."""
+  assert model.cfg.layer_loop == "auto"  # Unrolled on CPU: the sliced-once path.
+  scanned = init_model(small_config(layer_loop="scan"), 3)
+  tokens, lengths = pad_prompts(PROMPTS)
+  a, b = (generate(m, tokens, lengths, jax.random.key(0), GREEDY, record_experts=True)
+          for m in (model, scanned))
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+  np.testing.assert_array_equal(a.experts, b.experts)
+
+
 def test_expanded_cache_decodes_the_same(model):
   tokens, lengths = pad_prompts(PROMPTS)
   sampling = GREEDY

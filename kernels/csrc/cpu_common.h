@@ -33,12 +33,12 @@ inline Vec Splat(float x) { return Vec{} + x; }
 
 inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// A zero-filled float buffer aligned for Vec loads.
+// A float buffer aligned for Vec loads, zero-filled unless the caller writes all of it first.
 struct Buffer {
-  explicit Buffer(int64_t n) {
+  explicit Buffer(int64_t n, bool zero = true) {
     const size_t bytes = static_cast<size_t>(RoundUp(std::max<int64_t>(n, 1) * sizeof(float), 64));
     data = static_cast<float*>(std::aligned_alloc(64, bytes));
-    std::memset(data, 0, bytes);
+    if (zero) std::memset(data, 0, bytes);
   }
   ~Buffer() { std::free(data); }
   Buffer(const Buffer&) = delete;

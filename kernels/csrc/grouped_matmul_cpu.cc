@@ -35,6 +35,8 @@ constexpr int64_t kTileCols = 2 * kLanes;   // Microkernel columns: two vectors.
 constexpr int64_t kDepthBlock = 256;        // Depth of the packed panels.
 constexpr int64_t kMaxRowBlock = 192;       // Output rows per task at most.
 constexpr int64_t kColBlock = 256;          // Output columns per task (a multiple of kTileCols).
+constexpr int64_t kDirectRows = 24;         // Blocks of at most this many rows read b in place.
+constexpr int64_t kInlineFlops = 1 << 21;   // Calls with less work run on the calling thread.
 
 // A strided view: element (i, j) at p[i * rs + j * cs].
 struct View {
@@ -73,14 +75,16 @@ void PackRhs(View b, int64_t d0, int64_t depth, int64_t c0, int64_t cols, float*
   }
 }
 
-// c[0:rows, 0:cols] (+)= a_sliver [depth][kTileRows] x b_sliver [depth][kTileCols]; rows <=
-// kTileRows, cols <= kTileCols; `accumulate` adds to c instead of overwriting it.
-void MicroKernel(int64_t depth, const float* a, const float* b, float* c, int64_t ldc,
-                 int64_t rows, int64_t cols, bool accumulate) {
+// c[0:rows, 0:cols] (+)= a_sliver [depth][kTileRows] x b [depth][kTileCols] (rows ldb apart: a
+// packed sliver, or b itself); rows <= kTileRows, cols <= kTileCols; `accumulate` adds to c
+// instead of overwriting it.
+void MicroKernel(int64_t depth, const float* a, const float* b, int64_t ldb, float* c,
+                 int64_t ldc, int64_t rows, int64_t cols, bool accumulate) {
   Vec acc[kTileRows][2] = {};
   for (int64_t d = 0; d < depth; ++d) {
-    const Vec* bv = reinterpret_cast<const Vec*>(b + d * kTileCols);
-    const Vec b0 = bv[0], b1 = bv[1];
+    Vec b0, b1;
+    std::memcpy(&b0, b + d * ldb, sizeof b0);  // Unaligned when b is read in place.
+    std::memcpy(&b1, b + d * ldb + kLanes, sizeof b1);
     const float* ad = a + d * kTileRows;
     for (int64_t i = 0; i < kTileRows; ++i) {
       const Vec x = Splat(ad[i]);
@@ -112,23 +116,37 @@ void MicroKernel(int64_t depth, const float* a, const float* b, float* c, int64_
 }
 
 // c[rows r0.., cols c0..] = a[r0.., :depth] x b[:depth, c0..] for one task's block; c points at
-// the block's first element. Depth 0 writes zeros.
+// the block's first element. Depth 0 writes zeros. A block of few rows reuses each column sliver
+// of b too little to pay for packing it: whole slivers of a b with contiguous rows are read in
+// place, only a ragged last one is packed.
 void MatmulBlock(View a, View b, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
                  int64_t depth, float* c, int64_t ldc) {
   if (depth == 0) {
     for (int64_t i = 0; i < rows; ++i) std::memset(c + i * ldc, 0, cols * sizeof(float));
     return;
   }
+  const bool direct = b.cs == 1 && rows <= kDirectRows;
   const int64_t panel_depth = std::min(kDepthBlock, depth);
-  Buffer lhs(RoundUp(rows, kTileRows) * panel_depth), rhs(RoundUp(cols, kTileCols) * panel_depth);
+  Buffer lhs(RoundUp(rows, kTileRows) * panel_depth, /*zero=*/false);
+  Buffer rhs((direct ? kTileCols : RoundUp(cols, kTileCols)) * panel_depth, /*zero=*/false);
   for (int64_t d0 = 0; d0 < depth; d0 += kDepthBlock) {
     const int64_t dn = std::min(kDepthBlock, depth - d0);
     PackLhs(a, r0, rows, d0, dn, lhs.data);
-    PackRhs(b, d0, dn, c0, cols, rhs.data);
+    if (!direct) PackRhs(b, d0, dn, c0, cols, rhs.data);
     for (int64_t j = 0; j < cols; j += kTileCols) {
+      const int64_t width = std::min(kTileCols, cols - j);
+      const float* sliver = rhs.data + j * dn;
+      int64_t ldb = kTileCols;
+      if (direct && width == kTileCols) {
+        sliver = b.p + d0 * b.rs + c0 + j;
+        ldb = b.rs;
+      } else if (direct) {
+        PackRhs(b, d0, dn, c0 + j, width, rhs.data);
+        sliver = rhs.data;
+      }
       for (int64_t i = 0; i < rows; i += kTileRows) {
-        MicroKernel(dn, lhs.data + i * dn, rhs.data + j * dn, c + i * ldc + j, ldc,
-                    std::min(kTileRows, rows - i), std::min(kTileCols, cols - j), d0 > 0);
+        MicroKernel(dn, lhs.data + i * dn, sliver, ldb, c + i * ldc + j, ldc,
+                    std::min(kTileRows, rows - i), width, d0 > 0);
       }
     }
   }
@@ -149,12 +167,15 @@ struct Task {
 };
 
 // Splits every product's output into blocks of at most kMaxRowBlock rows (evenly, in whole
-// microkernel tiles) and kColBlock columns, and runs them on the pool.
+// microkernel tiles) and kColBlock columns, and runs them on the pool (on this thread alone when
+// there is too little work to share).
 void RunProducts(ffi::ThreadPool& pool, const std::vector<GroupProduct>& products) {
   std::vector<Task> tasks;
+  int64_t flops = 0;
   for (int64_t p = 0; p < static_cast<int64_t>(products.size()); ++p) {
     const GroupProduct& g = products[p];
     if (g.rows == 0 || g.cols == 0) continue;
+    flops += 2 * g.rows * g.cols * g.depth;
     const int64_t row_blocks = (g.rows + kMaxRowBlock - 1) / kMaxRowBlock;
     const int64_t block = RoundUp((g.rows + row_blocks - 1) / row_blocks, kTileRows);
     for (int64_t r0 = 0; r0 < g.rows; r0 += block) {
@@ -164,12 +185,17 @@ void RunProducts(ffi::ThreadPool& pool, const std::vector<GroupProduct>& product
       }
     }
   }
-  ParallelFor(pool, static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+  auto run = [&](int64_t t) {
     const Task& task = tasks[t];
     const GroupProduct& g = products[task.product];
     MatmulBlock(g.a, g.b, task.r0, task.rows, task.c0, task.cols, g.depth,
                 g.out + task.r0 * g.ldc + task.c0, g.ldc);
-  });
+  };
+  if (flops < kInlineFlops) {
+    for (int64_t t = 0; t < static_cast<int64_t>(tasks.size()); ++t) run(t);
+  } else {
+    ParallelFor(pool, static_cast<int64_t>(tasks.size()), run);
+  }
 }
 
 ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs,
