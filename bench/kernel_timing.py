@@ -2,8 +2,9 @@
 
 Prints one JSON object per (kernel, shape, impl, pass): milliseconds per call, achieved TFLOP/s
 and the XLA reference's time over this one's (`speedup_vs_xla`, > 1 is faster). On TPU/GPU the
-shapes are MLA attention (qk head 192, value head 128) and DeepSeek-style expert matmuls; on CPU
-tiny shapes, with the Pallas kernels interpreted (the numbers then say only that the path runs).
+shapes are MLA attention (qk head 192, value head 128) and DeepSeek-style expert matmuls, for the
+Pallas kernels; on CPU the benchmark models' attention and routed-expert shapes, for the native
+C++ kernels (and the chunked attention). (The Pallas kernels' interpreted CPU runs are tests.)
 
   .venv/bin/python bench/kernel_timing.py          # all kernels, the shapes for this backend
   .venv/bin/python bench/kernel_timing.py --kernels=gmm --iters=20
@@ -31,13 +32,15 @@ _PASSES = flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "fwd, and/or forward +
 
 ACCELERATOR = on_accelerator()
 
-# (B, T, N, H, V): MLA head sizes on accelerators.
+# (B, T, N, H, V): MLA head sizes on accelerators; bench-tiny's and bench-medium's on CPU.
 ATTENTION_SHAPES = ([(1, 8192, 16, 192, 128), (2, 4096, 32, 192, 128), (4, 2048, 128, 192, 128)]
-                    if ACCELERATOR else [(1, 64, 2, 24, 16)])
+                    if ACCELERATOR else [(8, 256, 4, 48, 32), (8, 256, 8, 96, 64)])
 # (M rows, K, N, G groups): DeepSeek-V3 expert gate/up and down projections over 8192 rows, many
-# or few groups, and over the 8192 x top-8 = 65536 routed rows of 8192 tokens.
+# or few groups, and over the 8192 x top-8 = 65536 routed rows of 8192 tokens. On CPU the routed
+# experts of bench-small (2048 rows of 1024 tokens x top-2) and bench-medium (gate/up, down).
 GMM_SHAPES = ([(8192, 7168, 2048, 256), (8192, 2048, 7168, 256), (8192, 2048, 2048, 8),
-               (65536, 7168, 2048, 256)] if ACCELERATOR else [(64, 32, 48, 4)])
+               (65536, 7168, 2048, 256)] if ACCELERATOR else
+              [(2048, 256, 256, 8), (4096, 512, 256, 8), (4096, 256, 512, 8)])
 
 
 def _time_ms(fn, *args) -> float:
@@ -78,7 +81,8 @@ def _report(kernel, shape, impls, make, flops_fwd):
 
 
 def bench_attention(dtype):
-  impls = ["xla", "pallas"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+  impls = (["xla", "pallas"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+           if ACCELERATOR else ["xla", "chunked", "native"])
   for b, t, n, h, v in ATTENTION_SHAPES:
     ks = jax.random.split(jax.random.key(0), 4)
     q, k = (jax.random.normal(key, (b, t, n, h), dtype) for key in ks[:2])
@@ -95,7 +99,7 @@ def bench_attention(dtype):
 
 
 def bench_gmm(dtype):
-  impls = ["xla", "pallas"]
+  impls = ["xla", "pallas"] if ACCELERATOR else ["xla", "native"]  # CPU "xla": blocked.
   for m, k, n, g in GMM_SHAPES:
     rng = np.random.default_rng(0)
     sizes = jnp.asarray(rng.multinomial(m, rng.dirichlet(np.ones(g))), jnp.int32)  # Some empty.
