@@ -158,6 +158,13 @@ def test_native_bfloat16_keeps_dtype_and_vmap_runs():
   np.testing.assert_allclose(batched[1], -reference(lhs, rhs, sizes), atol=1e-4, rtol=1e-5)
 
 
+@needs_native
+def test_native_refuses_shapes_that_do_not_match_its_mode():
+  sizes = jnp.asarray([2, 2])
+  with pytest.raises(Exception, match="operand shapes do not match mode 0"):  # K 3 against 5.
+    jax.block_until_ready(native._call(0, jnp.ones((4, 3)), jnp.ones((2, 5, 6)), sizes, (4, 6)))
+
+
 def test_auto_is_native_on_cpu_and_blocked_without_it(monkeypatch):
   assert resolve_impl("auto") == ("native" if native.available() else "blocked")
   assert resolve_impl("xla") == "blocked"  # XLA's own path: never the custom call.

@@ -203,11 +203,22 @@ ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs,
                          ffi::ResultBuffer<ffi::F32> out, int32_t mode) {
   const auto ld = lhs.dimensions(), rd = rhs.dimensions(), od = out->dimensions();
   const int64_t groups = sizes.element_count();
-  const bool weights_in = mode == 0 || mode == 1;
-  if (mode < 0 || mode > 2 || ld.size() != 2 || rd.size() != (weights_in ? 3u : 2u) ||
-      (weights_in && rd[0] != groups) || (mode == 2 && (rd[0] != ld[0] || od.size() != 3 ||
-                                                        od[0] != groups))) {
-    return ffi::Error::InvalidArgument("grouped_matmul_cpu: operand shapes do not match the mode");
+  bool shapes_ok = ld.size() == 2;
+  if (shapes_ok && mode == 0) {  // [M, K] x [G, K, N] -> [M, N].
+    shapes_ok = rd.size() == 3 && rd[0] == groups && rd[1] == ld[1] && od.size() == 2 &&
+                od[0] == ld[0] && od[1] == rd[2];
+  } else if (shapes_ok && mode == 1) {  // [M, N] x [G, K, N]^T -> [M, K].
+    shapes_ok = rd.size() == 3 && rd[0] == groups && rd[2] == ld[1] && od.size() == 2 &&
+                od[0] == ld[0] && od[1] == rd[1];
+  } else if (shapes_ok && mode == 2) {  // [M, K]^T x [M, N] -> [G, K, N].
+    shapes_ok = rd.size() == 2 && rd[0] == ld[0] && od.size() == 3 && od[0] == groups &&
+                od[1] == ld[1] && od[2] == rd[1];
+  } else {
+    shapes_ok = false;
+  }
+  if (!shapes_ok) {
+    return ffi::Error::InvalidArgument("grouped_matmul_cpu: operand shapes do not match mode " +
+                                       std::to_string(mode));
   }
   const int64_t m = ld[0];
   const float* a = lhs.typed_data();
