@@ -17,6 +17,8 @@ Implementations, chosen by `impl`:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -27,21 +29,28 @@ from kernels.grouped_matmul_pallas import DEFAULT_TILES, pallas_grouped_matmul
 IMPLS = ("auto", "xla", "pallas", "ragged", "blocked", "native")
 
 
-@jax.custom_vjp
-def gather_rows(x_MK, index_N, inverse_M):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_rows(x_MK, index_N, inverse_M, in_bounds: bool):
   """x[index] with zero rows where index is out of range, for a one-to-one `index`: `inverse`
   maps each row of x to where it went (out of range: nowhere). The gradient is then the inverse
-  gather, not the scatter-add JAX would otherwise emit (serial on XLA:CPU)."""
+  gather, not the scatter-add JAX would otherwise emit (serial on XLA:CPU). `in_bounds`: the
+  caller promises both maps are permutations (no fill, no select on every row)."""
+  return _gather(x_MK, index_N, in_bounds)
+
+
+def _gather(x_MK, index_N, in_bounds):
+  if in_bounds:
+    return x_MK.at[index_N].get(mode="promise_in_bounds")
   return x_MK.at[index_N].get(mode="fill", fill_value=0)
 
 
-def _gather_rows_fwd(x_MK, index_N, inverse_M):
-  return gather_rows(x_MK, index_N, inverse_M), (index_N, inverse_M)
+def _gather_rows_fwd(x_MK, index_N, inverse_M, in_bounds):
+  return _gather(x_MK, index_N, in_bounds), (index_N, inverse_M)
 
 
-def _gather_rows_bwd(residuals, g_NK):
+def _gather_rows_bwd(in_bounds, residuals, g_NK):
   index_N, inverse_M = residuals
-  return g_NK.at[inverse_M].get(mode="fill", fill_value=0), None, None
+  return _gather(g_NK, inverse_M, in_bounds), None, None
 
 
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
@@ -76,11 +85,13 @@ class BlockLayout:
 
   def to_blocks(self, x_MK):
     """[M, K] -> [num_blocks, block, K]; padding rows are zero."""
-    return gather_rows(x_MK, self.source_P, self.dest_M).reshape(self.num_blocks, self.block, -1)
+    return gather_rows(x_MK, self.source_P, self.dest_M, False).reshape(
+        self.num_blocks, self.block, -1)
 
   def from_blocks(self, y_BIN):
     """[num_blocks, block, N] -> [M, N]."""
-    return gather_rows(y_BIN.reshape(self.num_blocks * self.block, -1), self.dest_M, self.source_P)
+    return gather_rows(y_BIN.reshape(self.num_blocks * self.block, -1), self.dest_M,
+                       self.source_P, False)
 
   def block_weights(self, rhs_GKN):
     """[G, K, N] -> each block's group's weights [num_blocks, K, N]."""

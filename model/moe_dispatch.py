@@ -38,7 +38,7 @@ class Dispatch(NamedTuple):
     """[T*K, D] each sorted row's token's features (x_TD[token]): the tokens repeated K times,
     then permuted by `gather_rows`, so the gradient is gathers and a sum over K, not a
     scatter-add."""
-    return gather_rows(jnp.repeat(x_TD, self.k, axis=0), self.order, self.position)
+    return gather_rows(jnp.repeat(x_TD, self.k, axis=0), self.order, self.position, True)
 
   def slots(self, capacity: int) -> tuple[jax.Array, jax.Array]:
     """(slot [T*K], kept [T*K]) in a [group, capacity] buffer: the first `capacity` rows of each
@@ -66,7 +66,7 @@ def sort_assignments(experts_TK: jax.Array, num_groups: int, experts_per_group: 
 
 def unsort(rows_sorted: jax.Array, d: Dispatch) -> jax.Array:
   """Rows in sorted order [T*K, ...] back in assignment order, as [T, K, ...]."""
-  rows = gather_rows(rows_sorted, d.position, d.order)
+  rows = gather_rows(rows_sorted, d.position, d.order, True)
   return rows.reshape((-1, d.k) + rows_sorted.shape[1:])
 
 
