@@ -25,12 +25,7 @@
 
 namespace {
 
-using deepjax::Buffer;
-using deepjax::kLanes;
-using deepjax::ParallelFor;
-using deepjax::RoundUp;
-using deepjax::Splat;
-using deepjax::Vec;
+using namespace deepjax;  // cpu_common.h: Vec, Splat, RoundUp, Buffer, ParallelFor.
 
 constexpr int64_t kBlockQ = 32;  // Queries per tile (a multiple of kRows).
 constexpr int64_t kBlockK = 64;  // Keys per tile: four vectors of 16 floats.

@@ -23,12 +23,7 @@
 
 namespace {
 
-using deepjax::Buffer;
-using deepjax::kLanes;
-using deepjax::ParallelFor;
-using deepjax::RoundUp;
-using deepjax::Splat;
-using deepjax::Vec;
+using namespace deepjax;  // cpu_common.h: Vec, Splat, RoundUp, Buffer, ParallelFor.
 
 constexpr int64_t kTileRows = 6;            // Microkernel rows: 12 accumulators with kTileCols.
 constexpr int64_t kTileCols = 2 * kLanes;   // Microkernel columns: two vectors.
