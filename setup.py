@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description=__doc__,
     packages=find_packages(include=["model*", "train*", "posttrain*", "kernels*", "configs*"]),
-    # The CPU attention kernel's source: kernels/native_attention.py compiles it on first use.
+    # The CPU kernels' sources: kernels/native_build.py compiles them on first use.
     package_data={"kernels": ["csrc/*.cc", "csrc/*.h"]},
     python_requires=">=3.10",
     install_requires=[

@@ -101,10 +101,11 @@ class ModelConfig:
   # most UNROLL_UP_TO layers on CPU without remat, where stacking residuals costs 13-24% of a
   # step; else scan, whose memory stays bounded layer by layer under remat).
   layer_loop: str = "auto"
-  # Kernels: "auto" takes the Pallas kernel on accelerators; on CPU the chunked attention and
-  # the blocked grouped matmul.
+  # Kernels: "auto" takes the Pallas kernels on accelerators; on CPU the native C++ kernels where
+  # they build (else the chunked attention and the blocked grouped matmul).
   attention_impl: str = "auto"  # kernels.attention: auto, xla, chunked, native, pallas, cudnn.
-  moe_impl: str = "auto"  # kernels.grouped_matmul (dropless MoE): auto, xla, pallas, ragged, blocked.
+  moe_impl: str = "auto"  # kernels.grouped_matmul (dropless MoE): auto, xla, pallas, ragged,
+                          # blocked, native.
   # Expert-parallel token exchange (model/expert_parallel.py): auto (ragged on TPU/GPU), all_to_all
   # (fixed buffers), ragged (ragged_all_to_all; emulated on CPU).
   moe_dispatch: str = "auto"

@@ -220,10 +220,10 @@ def _decode_stack(blocks: Optional[Block], kind, stack: Optional[LayerCache], x_
 
 def unstacked_layers(model: Transformer):
   """(dense, MoE) per-layer parameter states for `decode_step`, each stack sliced once, or None
-  for a stack that runs as a scan (`transformer.scans_layers`). A decode loop that slices the
-  layers outside its token loop reads every layer's weights in place at each token; a scan
-  inside it copies each layer's weights out of the stack at every token (on CPU, most of a
-  small batch's decode time)."""
+  for a stack that runs as a scan (`transformer.scans_layers`). Sliced outside a decode loop's
+  token loop, the layers are copied once per call (the loop then holds a second copy of the
+  stacks' weights) and read in place at every token; a scan inside the loop copies each layer's
+  weights out of the stack at every token (on CPU, most of a small batch's decode time)."""
   def split(blocks):
     if blocks is None:
       return None

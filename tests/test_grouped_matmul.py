@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kernels import native_grouped_matmul as native
+from kernels.backend import on_accelerator
 from kernels.grouped_matmul import (blocked_grouped_matmul, blocked_swiglu, grouped_matmul,
                                     resolve_impl)
 from kernels.grouped_matmul_pallas import pallas_grouped_matmul
@@ -117,7 +118,8 @@ def test_rows_past_the_last_group_are_zero(impl):
 @pytest.mark.parametrize("sizes,k,n", [
     ([0, 200, 7, 0, 40], 300, 270),  # Rows over one row block, depth over one panel, cols over
     ([1, 0, 5], 3, 2),               # one column block; tiny groups, depth and width.
-])
+    ([300, 0, 3], 20, 70),  # d weights: a group's rows over one depth panel; its weights' 20
+])                          # rows read in place (few rows per block), a ragged last sliver.
 def test_native_matches_float64_reference_with_gradients(sizes, k, n):
   """Forward, d lhs and d weights against float64 numpy, per group; five rows past the last
   group: zero output, zero gradient; a group without rows: zero weight gradient."""
@@ -146,6 +148,21 @@ def test_native_matches_float64_reference_with_gradients(sizes, k, n):
 
 
 @needs_native
+def test_native_clips_negative_sizes_and_rows_past_m():
+  """Sizes [-1, 5, 100] over 60 rows act as [0, 5, 55], like ragged_dot's clamping."""
+  lhs = jax.random.normal(jax.random.key(14), (60, 7))
+  rhs = jax.random.normal(jax.random.key(15), (3, 7, 40))
+  cot = jax.random.normal(jax.random.key(16), (60, 40))
+  got, vjp = jax.vjp(lambda l, r: native.native_grouped_matmul(l, r, jnp.asarray([-1, 5, 100])),
+                     lhs, rhs)
+  want, want_vjp = jax.vjp(lambda l, r: jax.lax.ragged_dot(l, r, jnp.asarray([0, 5, 55])),
+                           lhs, rhs)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+  for a, b in zip(vjp(cot), want_vjp(cot)):
+    np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-5)
+
+
+@needs_native
 def test_native_bfloat16_keeps_dtype_and_vmap_runs():
   sizes = jnp.asarray([3, 9])
   lhs = jax.random.normal(jax.random.key(12), (12, 20))
@@ -165,6 +182,7 @@ def test_native_refuses_shapes_that_do_not_match_its_mode():
     jax.block_until_ready(native._call(0, jnp.ones((4, 3)), jnp.ones((2, 5, 6)), sizes, (4, 6)))
 
 
+@pytest.mark.skipif(on_accelerator(), reason="CPU resolution")
 def test_auto_is_native_on_cpu_and_blocked_without_it(monkeypatch):
   assert resolve_impl("auto") == ("native" if native.available() else "blocked")
   assert resolve_impl("xla") == "blocked"  # XLA's own path: never the custom call.

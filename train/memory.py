@@ -18,8 +18,8 @@ import jax
 from absl import app, flags
 from flax import nnx
 
+from kernels.backend import on_accelerator
 from model import sharding
-from kernels.grouped_matmul import resolve_impl as resolve_moe_impl
 from model.config import ModelConfig, get_preset
 from model.params import abstract_model
 
@@ -124,9 +124,10 @@ def activation_bytes(cfg: ModelConfig, sizes: dict, batch: int, seq: int,
     buffer_rows = k * ep if (ep > 1 and cfg.capacity_factor is None) else k * (
         cfg.capacity_factor or 1.0) if ep > 1 else k
     routed, routed_dots = ffn(f, buffer_rows)
-    # The dispatched rows (and, on the blocked XLA:CPU path, their two padded block copies);
-    # router scores in float32.
-    copies = 3 if resolve_moe_impl(cfg.moe_impl) == "blocked" else 1
+    # The dispatched rows (and, on the blocked XLA:CPU path, its two padded block copies: "auto"
+    # plans the native kernel on CPU, without building it here); router scores in float32.
+    blocked = cfg.moe_impl == "blocked" or (cfg.moe_impl == "xla" and not on_accelerator())
+    copies = 3 if blocked else 1
     routed += copies * buffer_rows * d * b + 4 * cfg.num_experts * 4
     shared, shared_dots = ffn(f * cfg.num_shared_experts) if cfg.num_shared_experts else (0, 0)
     moe, moe_dots = routed + shared, routed_dots + shared_dots
