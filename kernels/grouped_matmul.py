@@ -22,8 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.backend import on_accelerator
 from kernels import native_grouped_matmul
+from kernels.backend import on_accelerator
 from kernels.grouped_matmul_pallas import DEFAULT_TILES, pallas_grouped_matmul
 
 IMPLS = ("auto", "xla", "pallas", "ragged", "blocked", "native")
@@ -121,14 +121,15 @@ def blocked_swiglu(rows_MD, group_sizes_G, w_gate_GDF, w_up_GDF, w_down_GFD,
   return layout.from_blocks(out)
 
 
-def resolve_impl(impl: str) -> str:
-  """The concrete grouped-matmul path `impl` names on this backend."""
+def resolve_impl(impl: str, probe_native: bool = True) -> str:
+  """The concrete grouped-matmul path `impl` names on this backend. `probe_native=False` takes
+  the native CPU kernel as available instead of building it to find out (for planning)."""
   if impl not in IMPLS:
     raise ValueError(f"grouped_matmul impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
     if on_accelerator():
       return "pallas"
-    return "native" if native_grouped_matmul.available() else "blocked"
+    return "native" if not probe_native or native_grouped_matmul.available() else "blocked"
   if impl == "xla":
     return "ragged" if on_accelerator() else "blocked"
   return impl

@@ -188,6 +188,7 @@ def test_auto_is_native_on_cpu_and_blocked_without_it(monkeypatch):
   assert resolve_impl("xla") == "blocked"  # XLA's own path: never the custom call.
   monkeypatch.setattr(native, "available", lambda: False)
   assert resolve_impl("auto") == "blocked"
+  assert resolve_impl("auto", probe_native=False) == "native"  # Planning: nothing built.
 
 
 def test_pallas_through_switch():

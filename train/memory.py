@@ -18,7 +18,7 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from kernels.backend import on_accelerator
+from kernels.grouped_matmul import resolve_impl as resolve_moe_impl
 from model import sharding
 from model.config import ModelConfig, get_preset
 from model.params import abstract_model
@@ -90,9 +90,9 @@ def activation_bytes(cfg: ModelConfig, sizes: dict, batch: int, seq: int,
   head); the FFN its gate/up/hidden rows (K of them for routed experts, plus the dispatch
   buffers: ep x K rows when dropless, and the blocked grouped matmul's padded copies); heads and
   FFN widths divide by `tensor`. With remat "full" only each layer's input survives the forward
-  pass, plus one layer's working set during its recomputation; "dots_saveable" keeps the matmul outputs. Every policy adds one
-  layer's cotangents. The output head keeps float32 logits (and their gradient) for the main and
-  MTP heads.
+  pass, plus one layer's working set during its recomputation; "dots_saveable" keeps the matmul
+  outputs. Every policy adds one layer's cotangents. The output head keeps float32 logits (and
+  their gradient) for the main and MTP heads.
   """
   tp, ep = sizes["tensor"], sizes["expert"]
   b = jax.numpy.dtype(cfg.dtype).itemsize
@@ -126,8 +126,7 @@ def activation_bytes(cfg: ModelConfig, sizes: dict, batch: int, seq: int,
     routed, routed_dots = ffn(f, buffer_rows)
     # The dispatched rows (and, on the blocked XLA:CPU path, its two padded block copies: "auto"
     # plans the native kernel on CPU, without building it here); router scores in float32.
-    blocked = cfg.moe_impl == "blocked" or (cfg.moe_impl == "xla" and not on_accelerator())
-    copies = 3 if blocked else 1
+    copies = 3 if resolve_moe_impl(cfg.moe_impl, probe_native=False) == "blocked" else 1
     routed += copies * buffer_rows * d * b + 4 * cfg.num_experts * 4
     shared, shared_dots = ffn(f * cfg.num_shared_experts) if cfg.num_shared_experts else (0, 0)
     moe, moe_dots = routed + shared, routed_dots + shared_dots
